@@ -1,0 +1,9 @@
+"""Errors raised for bad input: each names the problem and the fix."""
+
+
+class MedDiffFTError(ValueError):
+    """A problem with the user's input or request; the message says how to fix it."""
+
+
+class Cancelled(MedDiffFTError):
+    """The user cancelled the run; nothing was written."""

@@ -1,0 +1,196 @@
+"""Generation: for each sample, propose a new lesion on a background, inpaint every slice that
+holds it under the dynamic guiding mask, and paste the result back into the native slices.
+
+Outside the regenerated region dilated by the seam width the output equals the input exactly;
+inside the seam the generated and original pixels are feathered. When the new lesion differs from
+the old one, the old lesion's place is regenerated as tissue (healed) in the same pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .backbone import Backbone, InpaintRequest
+from .caseio import Case, cast_like
+from .errors import MedDiffFTError
+from .masks import dilate, make_mask_source, place_label
+from .progress import Progress
+from .slicing import bounding_box, choose_axis, fit_intensity, slice_stack, window_around
+
+MAX_SEAM = 8
+HEAL_MARGIN = 2  # px around an old lesion that are healed with it (its partial-volume edge)
+
+
+@dataclass
+class SampleSettings:
+    """Sampling options (CLI names in brackets): samples [--samples], first seed [--seed; sample k
+    uses seed+k], solver steps [--sampling-steps], sampler [--sampler], start [--init noise |
+    transplant] and its [--strength], mask source [--mask-source / --jitter], seam width in native
+    px [--seam, at most 8], slices per forward pass [--slice-batch]."""
+
+    samples: int = 4
+    seed: int = 0
+    sampling_steps: int = 25
+    sampler: str = "dpmsolver++"
+    init: str = "noise"
+    strength: float = 0.7
+    mask_source: str = "label"
+    seam: int = 3
+    slice_batch: int = 16
+
+
+@dataclass
+class Sample:
+    """One synthetic pair on ``background``'s grid, with what produced it."""
+
+    image: np.ndarray
+    label: np.ndarray
+    foreground: np.ndarray
+    regenerated: np.ndarray
+    background: Case
+    seed: int
+    slices: list[int]
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+class SampleFilter(Protocol):
+    """Scores a sample and decides whether to keep it (quality assessment plugs in here)."""
+
+    name: str
+
+    def assess(self, sample: Sample, source: Case) -> tuple[bool, dict]: ...
+
+
+def seam_weights(region: np.ndarray, seam: int) -> np.ndarray:
+    """1 inside the region, falling linearly to 0 at ``seam`` px outside it (exactly 0 beyond)."""
+    if seam <= 0:
+        return region.astype(np.float64)
+    distance = ndimage.distance_transform_edt(~region)
+    return np.clip(1.0 - distance / seam, 0.0, 1.0)
+
+
+def _transplant(background: torch.Tensor, region: torch.Tensor, lesion: torch.Tensor,
+                bank: dict[str, torch.Tensor], pick: int) -> torch.Tensor:
+    """Start image: a real training lesion warped into the lesion's box, the rest of the region
+    filled with the mean of the surrounding tissue."""
+    ring = torch.from_numpy(dilate(region[0].numpy() > 0, 3) & ~(region[0].numpy() > 0))
+    fill = background[:, ring].mean(dim=1) if ring.any() else background.mean(dim=(1, 2))
+    start = torch.where(region > 0, fill[:, None, None], background)
+    if lesion.sum() == 0:
+        return start
+    bank_mask = bank["masks"][pick, 0].numpy() > 0
+    by0, by1, bx0, bx1 = bounding_box(bank_mask)
+    ty0, ty1, tx0, tx1 = bounding_box(lesion[0].numpy() > 0)
+    patch = bank["images"][pick:pick + 1, :, by0:by1, bx0:bx1]
+    patch = F.interpolate(patch, size=(ty1 - ty0, tx1 - tx0), mode="bilinear", align_corners=False)[0]
+    placed = start.clone()
+    placed[:, ty0:ty1, tx0:tx1] = patch
+    return torch.where(lesion > 0, placed, start)
+
+
+def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, background: Case,
+                    settings: SampleSettings, index: int, advance) -> Sample:
+    """Make sample ``index`` (seed ``settings.seed + index``) of ``case`` on ``background``."""
+    started = time.monotonic()
+    seed = settings.seed + index
+    rng = np.random.default_rng(seed)
+    slices_cfg = card["slices"]
+    axis = choose_axis(background.spacing, slices_cfg["axis"], background.is_2d)
+    label, foreground = place_label(case.label, case.foreground, background.foreground.shape)
+    proposal = make_mask_source(settings.mask_source).propose(label, foreground, axis, rng)
+    old = background.foreground  # the background's own lesion (if any) is healed where not repainted
+    if background.channels != backbone.channels:
+        raise MedDiffFTError(f"{background.image_path} has {background.channels} channel(s) but the "
+                             f"model was trained on {backbone.channels}.")
+    new_stack = slice_stack(proposal.foreground, axis)
+    old_stack = slice_stack(old, axis)
+    intensity = fit_intensity(background.image, slices_cfg["intensity"])
+    normalized = slice_stack(intensity.forward(background.image), axis)
+    out_image = background.image.copy()
+    out_stack = slice_stack(out_image, axis)
+    source_stack = slice_stack(background.image, axis)
+    regenerated = np.zeros(background.foreground.shape, dtype=bool)
+    regen_stack = slice_stack(regenerated, axis)
+    pick = int(rng.integers(len(bank["images"]))) if settings.init == "transplant" else 0
+    if settings.init == "transplant" and not bank:
+        raise MedDiffFTError("--init transplant needs the model's lesion bank (lesion_bank.safetensors).")
+    todo = []
+    for s in range(len(new_stack)):
+        changed = new_stack[s] | old_stack[s]
+        if not changed.any():
+            continue
+        if (new_stack[s] == old_stack[s]).all():
+            region = new_stack[s]
+        else:
+            region = new_stack[s] | dilate(old_stack[s], HEAL_MARGIN)
+        todo.append((s, region))
+    for start in range(0, len(todo), settings.slice_batch):
+        chunk = todo[start:start + settings.slice_batch]
+        windows = [window_around(region, backbone.resolution, roi=slices_cfg["roi"],
+                                 context=slices_cfg["context"]) for _, region in chunk]
+        bg = torch.stack([w.extract(normalized[s]) for w, (s, _) in zip(windows, chunk)])
+        region_t = torch.stack([w.extract(r, is_mask=True) for w, (_, r) in zip(windows, chunk)])
+        lesion_t = torch.stack([w.extract(new_stack[s], is_mask=True) for w, (s, _) in zip(windows, chunk)])
+        init = None
+        if settings.init == "transplant":
+            init = torch.stack([_transplant(b, r, l, bank, pick) for b, r, l in zip(bg, region_t, lesion_t)])
+        generators = [torch.Generator().manual_seed(seed * 100_003 + s) for s, _ in chunk]
+        request = InpaintRequest(bg, region_t, lesion_t, generators, init=init,
+                                 strength=settings.strength if init is not None else 1.0)
+        result = backbone.inpaint(request, sampler=settings.sampler, num_steps=settings.sampling_steps)
+        for window, (s, region), generated in zip(windows, chunk, result):
+            native = intensity.inverse(window.to_native(generated))
+            rows, cols, wrows, wcols = window.slice_bounds(region.shape)
+            weights = seam_weights(region, settings.seam)[rows, cols]
+            original = source_stack[s][rows, cols].astype(np.float64)
+            if original.ndim == 3:
+                weights = weights[..., None]
+            blended = weights * native[wrows, wcols] + (1.0 - weights) * original
+            plane = out_stack[s][rows, cols]
+            out_stack[s][rows, cols] = np.where(weights > 0, cast_like(blended, background), plane)
+            regen_stack[s] = region
+        advance(len(chunk))
+    return Sample(image=out_image, label=proposal.label, foreground=proposal.foreground,
+                  regenerated=regenerated, background=background, seed=seed,
+                  slices=[int(s) for s, _ in todo], seconds=round(time.monotonic() - started, 3),
+                  details={"axis": axis, "mask_source": settings.mask_source, **proposal.details})
+
+
+def count_slices(case: Case, card: dict) -> int:
+    """Slices holding the case's lesion (an estimate of the work per sample, for progress)."""
+    axis = choose_axis(case.spacing, card["slices"]["axis"], case.is_2d)
+    stack = slice_stack(case.foreground, axis)
+    return int(stack.reshape(len(stack), -1).any(axis=1).sum())
+
+
+def generate_samples(backbone: Backbone, card: dict, bank: dict, case: Case, *,
+                     settings: SampleSettings, progress: Progress, backgrounds: list[Case] = (),
+                     sample_filter: SampleFilter | None = None) -> tuple[list[Sample], list[dict]]:
+    """All samples for one case; returns (kept samples, rejected entries with reasons)."""
+    if not 0 <= settings.seam <= MAX_SEAM:
+        raise MedDiffFTError(f"--seam {settings.seam}: use 0 to {MAX_SEAM} px.")
+    if settings.init not in ("noise", "transplant"):
+        raise MedDiffFTError(f"--init {settings.init}: use noise or transplant.")
+    backgrounds = list(backgrounds) or [case]
+    kept, rejected = [], []
+    per_sample = max(1, count_slices(case, card))
+    with progress.stage("sample", settings.samples * per_sample) as advance:
+        for index in range(settings.samples):
+            sample = generate_sample(backbone, card, bank, case, backgrounds[index % len(backgrounds)],
+                                     settings, index, advance)
+            if sample_filter is not None:
+                keep, scores = sample_filter.assess(sample, case)
+                sample.details["qa"] = scores
+                if not keep:
+                    rejected.append({"seed": sample.seed, "reason": scores.get("reason"), "qa": scores})
+                    continue
+            kept.append(sample)
+    return kept, rejected
