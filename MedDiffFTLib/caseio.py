@@ -228,8 +228,11 @@ def _choose_foreground(label: np.ndarray, segment: str | None, label_path: str,
 
 
 def read_case(image_path: str, label_path: str | None = None, *, segment: str | None = None,
-              resample_label: bool = False, require_label: bool = True) -> Case:
+              resample_label: bool = False, require_label: bool = True,
+              allow_empty: bool = False) -> Case:
     """Read an image and (optionally) its label; validate everything before any work starts.
+
+    ``allow_empty`` accepts an empty label (lesion-free training cases still count).
 
     Raises:
         MedDiffFTError: missing/unreadable file, non-scalar image, NaN/Inf intensities, label not
@@ -299,7 +302,7 @@ def read_case(image_path: str, label_path: str | None = None, *, segment: str | 
                 label = np.rint(label).astype(np.int32)
     names = segment_metadata.get("names")
     foreground = _choose_foreground(label, segment, str(label_path), names)
-    if label_path is not None and require_label and not foreground.any():
+    if label_path is not None and not allow_empty and not foreground.any():
         what = f"segment {segment!r} of " if segment is not None else ""
         raise MedDiffFTError(f"The label ({what}{label_path}) is empty: nothing to learn from or to "
                              "paint. Draw the lesion/structure first, or choose another --segment.")

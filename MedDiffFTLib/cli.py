@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands
 
 
-def _read_inputs(args) -> list:
+def _read_inputs(args, *, allow_empty: bool = False) -> list:
     from .caseio import read_case, read_cases_csv
 
     if len(args.image) != len(args.label):
@@ -206,8 +206,8 @@ def _read_inputs(args) -> list:
         pairs += read_cases_csv(args.cases)
     if not pairs and args._inputs_required:
         raise MedDiffFTError("No cases given: pass --image IMG --label LABEL (repeatable) or --cases CSV.")
-    return [read_case(image, label, segment=args.segment, resample_label=args.resample_label)
-            for image, label in pairs]
+    return [read_case(image, label, segment=args.segment, resample_label=args.resample_label,
+                      allow_empty=allow_empty) for image, label in pairs]
 
 
 def _read_unlabeled(args) -> list:
@@ -297,7 +297,7 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
 
 
 def command_finetune(args, progress: Progress) -> dict:
-    cases = _read_inputs(args)
+    cases = _read_inputs(args, allow_empty=True)
     unlabeled = _read_unlabeled(args)
     model_out = Path(args.model_out)
     _prepare_model_out(model_out, args)

@@ -25,7 +25,6 @@ from .progress import Progress
 from .slicing import bounding_box, choose_axis, fit_intensity, slice_stack, window_around
 
 MAX_SEAM = 8
-HEAL_MARGIN = 2  # px around an old lesion that are healed with it (its partial-volume edge)
 
 
 @dataclass
@@ -124,14 +123,9 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         raise MedDiffFTError("--init transplant needs the model's lesion bank (lesion_bank.safetensors).")
     todo = []
     for s in range(len(new_stack)):
-        changed = new_stack[s] | old_stack[s]
-        if not changed.any():
-            continue
-        if (new_stack[s] == old_stack[s]).all():
-            region = new_stack[s]
-        else:
-            region = new_stack[s] | dilate(old_stack[s], HEAL_MARGIN)
-        todo.append((s, region))
+        region = new_stack[s] | old_stack[s]  # the old lesion's edge is blended by the seam
+        if region.any():
+            todo.append((s, region))
     for start in range(0, len(todo), settings.slice_batch):
         chunk = todo[start:start + settings.slice_batch]
         windows = [window_around(region, backbone.resolution, roi=slices_cfg["roi"],

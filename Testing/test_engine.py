@@ -1,0 +1,203 @@
+"""End-to-end properties of `meddiffft run/finetune/sample` with a tiny compact backbone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import COMMON, SAMPLE_TINY, TRAIN_TINY, geometry, read
+from safetensors.torch import load_file
+
+from MedDiffFTLib.cli import run_command
+from MedDiffFTLib.errors import Cancelled
+from MedDiffFTLib.generate import seam_weights
+
+SEAM = 3
+
+
+def run(tmp_path, image, label, out="out", *extra):
+    return run_command(["run", "--image", image, "--label", label, "--out", tmp_path / out,
+                        "--seam", str(SEAM), *TRAIN_TINY, *SAMPLE_TINY, *COMMON, *extra])
+
+
+def manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+def far_from(mask: np.ndarray, seam: int) -> np.ndarray:
+    """Pixels farther than ``seam`` from ``mask``, in-plane per slice (axis 0)."""
+    return np.stack([seam_weights(plane, seam) == 0 for plane in mask])
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_volume_geometry_pixel_type_and_background_are_kept(tmp_path, volume_case, suffix):
+    image_path, label_path = volume_case(suffix)
+    result = run(tmp_path, image_path, label_path)
+    out = tmp_path / "out"
+    source = read(image_path)
+    source_array = sitk.GetArrayFromImage(source)
+    label = sitk.GetArrayFromImage(read(label_path)) > 0
+    entries = manifest(out)["samples"]
+    assert len(entries) == 2 and result["samples"] == 2
+    for entry in entries:
+        assert entry["image"].endswith(suffix) and entry["label"].endswith(suffix)
+        sample = read(out / entry["image"])
+        sample_label = read(out / entry["label"])
+        assert geometry(sample) == geometry(source)  # bit-exact spacing/origin/direction, pixel type
+        assert geometry(sample_label)[:4] == geometry(source)[:4]
+        array = sitk.GetArrayFromImage(sample)
+        out_label = sitk.GetArrayFromImage(sample_label) > 0
+        far = far_from(label, SEAM) & far_from(out_label, SEAM)
+        assert np.array_equal(array[far], source_array[far])
+        for z in (0, 1, 4, 5):  # slices without mask are identical
+            assert np.array_equal(array[z], source_array[z])
+        assert not np.array_equal(array[label], source_array[label])  # it painted
+        assert array.min() >= source_array.min() and array.max() <= source_array.max()
+        assert entry["slices"] == [2, 3]
+    assert (out / "preview.png").is_file()
+    assert (out / "model" / "meddiffft.json").is_file()
+    assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (out / "model" / "checkpoints").exists()
+
+
+def test_picture_round_trip_keeps_mode_and_background(tmp_path, picture_case):
+    from PIL import Image
+
+    image_path, label_path = picture_case
+    run(tmp_path, image_path, label_path)
+    out = tmp_path / "out"
+    entry = manifest(out)["samples"][0]
+    source = np.asarray(Image.open(image_path))
+    with Image.open(out / entry["image"]) as im:
+        assert im.mode == "RGB" and im.size == (96, 96)
+        sample = np.asarray(im)
+    label = np.asarray(Image.open(label_path)) > 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out / entry["label"])), np.asarray(Image.open(label_path)))
+    far = seam_weights(label, SEAM) == 0
+    assert np.array_equal(sample[far], source[far])
+    assert (sample[..., 0] == sample[..., 2]).all()  # grey stays grey
+
+
+def test_jitter_labels_stay_truthful(tmp_path, picture_case):
+    from PIL import Image
+
+    image_path, label_path = picture_case
+    run(tmp_path, image_path, label_path, "out", "--jitter", "--samples", "3")
+    out = tmp_path / "out"
+    source = np.asarray(Image.open(image_path))[..., 0].astype(int)
+    old = np.asarray(Image.open(label_path)) > 0
+    for entry in manifest(out)["samples"]:
+        new = np.asarray(Image.open(out / entry["label"])) > 0
+        sample = np.asarray(Image.open(out / entry["image"]))[..., 0].astype(int)
+        assert entry["mask_source"] == "jitter" and new.any() and not np.array_equal(new, old)
+        assert new.sum() > 0.3 * old.sum()
+        healed = old & ~new
+        # every pixel of the old lesion outside the new label was regenerated (healed), none kept
+        changed = sample[healed] != source[healed]
+        assert changed.mean() > 0.9
+        far = (seam_weights(old, SEAM) == 0) & (seam_weights(new, SEAM) == 0)
+        assert np.array_equal(sample[far], source[far])
+
+
+def test_seeds_reproduce_and_differ_and_reload_reproduces(tmp_path, volume_case):
+    image_path, label_path = volume_case(".nrrd")
+    run(tmp_path, image_path, label_path, "a")
+    run(tmp_path, image_path, label_path, "b")
+    a, b = tmp_path / "a", tmp_path / "b"
+    arrays = lambda out, i: sitk.GetArrayFromImage(read(out / manifest(out)["samples"][i]["image"]))  # noqa: E731
+    assert np.array_equal(arrays(a, 0), arrays(b, 0))  # same seed -> identical
+    assert not np.array_equal(arrays(a, 0), arrays(a, 1))  # another seed -> different
+    # save/load: sampling from the saved model folder reproduces the run's outputs exactly
+    run_command(["sample", "--model", a / "model", "--image", image_path, "--label", label_path,
+                 "--out", tmp_path / "c", "--seam", str(SEAM), *SAMPLE_TINY, *COMMON])
+    assert np.array_equal(arrays(a, 0), arrays(tmp_path / "c", 0))
+    assert np.array_equal(arrays(a, 1), arrays(tmp_path / "c", 1))
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path, volume_case):
+    image_path, label_path = volume_case(".nrrd")
+    args = ["finetune", "--image", image_path, "--label", label_path, *TRAIN_TINY,
+            "--train-steps", "6", *COMMON]
+    run_command([*args, "--model-out", tmp_path / "full"])
+    events = []
+
+    def cancel_after_four_steps():
+        return sum(1 for e in events if e.get("stage") == "finetune") >= 4
+
+    with pytest.raises(Cancelled):
+        run_command([*args, "--model-out", tmp_path / "resumed"], on_progress=events.append,
+                    should_cancel=cancel_after_four_steps)
+    assert not (tmp_path / "resumed" / "meddiffft.json").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "step-0000004").is_dir()
+    run_command([*args, "--model-out", tmp_path / "resumed", "--resume"])
+    full = load_file(str(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert full.keys() == resumed.keys()
+    assert all(np.array_equal(full[k].numpy(), resumed[k].numpy()) for k in full)
+
+
+def test_cancelled_run_writes_nothing(tmp_path, volume_case):
+    image_path, label_path = volume_case(".nrrd")
+    (tmp_path / "CANCEL").write_text("")
+    with pytest.raises(Cancelled):
+        run(tmp_path, image_path, label_path, "out", "--cancel-file", tmp_path / "CANCEL")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_json_progress_protocol_and_exit_codes(tmp_path, volume_case):
+    image_path, label_path = volume_case(".nrrd")
+    cmd = [sys.executable, "-m", "MedDiffFTLib.cli", "run", "--image", str(image_path), "--label",
+           str(label_path), "--out", str(tmp_path / "out"), *TRAIN_TINY, *SAMPLE_TINY,
+           "--device", "cpu", "--progress", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    stages = {e["stage"] for e in events if "stage" in e}
+    assert stages == {"finetune", "sample"}
+    assert all(e["step"] <= e["total"] for e in events if e.get("stage") == "finetune")
+    assert events[-1]["event"] == "done" and events[-1]["samples"] == 2
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    error = json.loads(again.stdout.splitlines()[-1])
+    assert error["event"] == "error" and "already exists" in error["message"]
+
+
+def test_transplant_start_and_stochastic_sampler(tmp_path, picture_case):
+    image_path, label_path = picture_case
+    run(tmp_path, image_path, label_path, "out", "--init", "transplant", "--strength", "0.6",
+        "--sampler", "ddpm")
+    entries = manifest(tmp_path / "out")["samples"]
+    assert [e["init"] for e in entries] == ["transplant", "transplant"]
+    assert entries[0]["strength"] == 0.6 and entries[0]["sampler"] == "ddpm"
+
+
+def test_background_mode_paints_into_a_lesion_free_image(tmp_path, picture_case):
+    from PIL import Image
+
+    from MedDiffFTLib.phantom import ultrasound_phantom
+
+    image_path, label_path = picture_case
+    healthy = np.clip(ultrasound_phantom(seed=9, size=96)[0].astype(int) + 40, 0, 255).astype(np.uint8)
+    Image.fromarray(healthy).save(tmp_path / "healthy.png")
+    run(tmp_path, image_path, label_path, "out", "--background", tmp_path / "healthy.png")
+    entry = manifest(tmp_path / "out")["samples"][0]
+    assert entry["background_image"] == str(tmp_path / "healthy.png")
+    sample = np.asarray(Image.open(tmp_path / "out" / entry["image"]))
+    new = np.asarray(Image.open(tmp_path / "out" / entry["label"])) > 0
+    assert sample.ndim == 2 and new.sum() == (np.asarray(Image.open(label_path)) > 0).sum()
+    far = seam_weights(new, SEAM) == 0
+    assert np.array_equal(sample[far], healthy[far])
+
+
+def test_demo_runs_and_says_it_uses_a_phantom(tmp_path):
+    events = []
+    result = run_command(["demo", "--out", tmp_path / "demo", "--train-steps", "2", "--samples", "1",
+                          "--device", "cpu"], on_progress=events.append)
+    assert (tmp_path / "demo" / "run" / "preview.png").is_file()
+    assert result["preview"] == str(tmp_path / "demo" / "run" / "preview.png")
+    assert any("phantom" in e.get("message", "") for e in events)
