@@ -26,7 +26,7 @@ from .compact import CompactBackbone
 from .errors import MedDiffFTError
 from .masks import dilate, random_blob
 from .progress import Progress
-from .slicing import Window, choose_axis, fit_intensity, slice_stack, window_around
+from .slicing import Window, choose_axis, fit_intensity, slice_stack, to_channels, window_around
 
 UNKNOWN_LESION = 0.5  # lesion channel value for unlabeled data
 
@@ -70,10 +70,11 @@ class PreparedCase:
     window_size: int
 
 
-def prepare_case(case: Case, settings: SliceSettings, *, labeled: bool = True) -> PreparedCase:
+def prepare_case(case: Case, settings: SliceSettings, channels: int, *,
+                 labeled: bool = True) -> PreparedCase:
     axis = choose_axis(case.spacing, settings.axis, case.is_2d)
     intensity = fit_intensity(case.image, settings.intensity)
-    images = slice_stack(intensity.forward(case.image), axis)
+    images = slice_stack(to_channels(intensity.forward(case.image), channels), axis)
     foreground = slice_stack(case.foreground, axis)
     sizes = [window_around(plane, settings.resolution, roi=settings.roi, context=settings.context).size
              for plane in foreground if plane.any()]
@@ -89,12 +90,10 @@ class TrainingWindows:
                  curriculum: tuple[float, float, float]) -> None:
         self.slices = slices
         self.curriculum = np.asarray(curriculum, dtype=float) / sum(curriculum)
-        self.cases = [prepare_case(c, slices) for c in cases]
-        self.cases += [prepare_case(c, slices, labeled=False) for c in unlabeled]
-        channels = {c.channels for c in cases + unlabeled}
-        if len(channels) > 1:
-            raise MedDiffFTError("The training images mix grayscale and color; use one kind only.")
-        self.channels = channels.pop()
+        # grey data (or a mix of grey and colour) trains a grey model; all-colour data a colour one
+        self.channels = min((c.channels for c in cases + unlabeled), default=1)
+        self.cases = [prepare_case(c, slices, self.channels) for c in cases]
+        self.cases += [prepare_case(c, slices, self.channels, labeled=False) for c in unlabeled]
         self.lesion_items = [(ci, si) for ci, c in enumerate(self.cases) if c.labeled
                              for si in np.flatnonzero(c.foreground.reshape(len(c.foreground), -1).any(1))]
         self.labeled_items = [(ci, si) for ci, c in enumerate(self.cases) if c.labeled

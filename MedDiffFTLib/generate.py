@@ -22,7 +22,7 @@ from .caseio import Case, cast_like
 from .errors import MedDiffFTError
 from .masks import dilate, make_mask_source, place_label
 from .progress import Progress
-from .slicing import bounding_box, choose_axis, fit_intensity, slice_stack, window_around
+from .slicing import bounding_box, choose_axis, fit_intensity, slice_stack, to_channels, window_around
 
 MAX_SEAM = 8
 
@@ -106,13 +106,10 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
     label, foreground = place_label(case.label, case.foreground, background.foreground.shape)
     proposal = make_mask_source(settings.mask_source).propose(label, foreground, axis, rng)
     old = background.foreground  # the background's own lesion (if any) is healed where not repainted
-    if background.channels != backbone.channels:
-        raise MedDiffFTError(f"{background.image_path} has {background.channels} channel(s) but the "
-                             f"model was trained on {backbone.channels}.")
     new_stack = slice_stack(proposal.foreground, axis)
     old_stack = slice_stack(old, axis)
     intensity = fit_intensity(background.image, slices_cfg["intensity"])
-    normalized = slice_stack(intensity.forward(background.image), axis)
+    normalized = slice_stack(to_channels(intensity.forward(background.image), backbone.channels), axis)
     out_image = background.image.copy()
     out_stack = slice_stack(out_image, axis)
     source_stack = slice_stack(background.image, axis)
@@ -142,6 +139,8 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         result = backbone.inpaint(request, sampler=settings.sampler, num_steps=settings.sampling_steps)
         for window, (s, region), generated in zip(windows, chunk, result):
             native = intensity.inverse(window.to_native(generated))
+            if native.ndim == 2 and background.channels > 1:  # grey model, colour-stored image
+                native = native[..., None]
             rows, cols, wrows, wcols = window.slice_bounds(region.shape)
             weights = seam_weights(region, settings.seam)[rows, cols]
             original = source_stack[s][rows, cols].astype(np.float64)

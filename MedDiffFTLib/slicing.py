@@ -30,6 +30,15 @@ def choose_axis(spacing: tuple[float, float, float], axis: str | int, is_2d: boo
     return value
 
 
+def to_channels(image: np.ndarray, channels: int, spatial_dims: int = 3) -> np.ndarray:
+    """View an image with the model's channel count: colour -> grey (channel mean) for a grey
+    model, grey -> replicated for a colour model. Scalar arrays have ``spatial_dims`` dims."""
+    has_channels = image.ndim > spatial_dims
+    if channels == 1:
+        return image.mean(axis=-1) if has_channels else image
+    return image if has_channels else np.repeat(image[..., None], channels, axis=-1)
+
+
 def slice_stack(array: np.ndarray, axis: int) -> np.ndarray:
     """A view with the slicing axis first: ``stack[i]`` is slice i, writable into ``array``."""
     return np.moveaxis(array, axis, 0)

@@ -31,7 +31,7 @@ def finetune_then_sample(tmp_path, image, label):
 def test_busi_image(tmp_path):
     from PIL import Image
 
-    image, label = BUSI / "images" / "benign (4).png", BUSI / "mask" / "benign (4)_mask.png"
+    image, label = BUSI / "images" / "benign (6).png", BUSI / "mask" / "benign (6)_mask.png"
     entries = finetune_then_sample(tmp_path, image, label)
     source = np.asarray(Image.open(image))
     mask = np.asarray(Image.open(label)) > 0
