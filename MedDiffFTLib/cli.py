@@ -130,6 +130,15 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slice-batch", type=int, default=16, help="slices per forward pass")
 
 
+def _add_model_out(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model folder")
+    group.add_argument("--model-out", required=True, metavar="DIR", help="model folder to write")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its last checkpoint in DIR/checkpoints")
+    group.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep DIR/checkpoints after training")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meddiffft",
@@ -145,11 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(finetune, required=True, what="training cases")
     _add_slicing(finetune)
     _add_training(finetune)
-    finetune.add_argument("--model-out", required=True, metavar="DIR", help="model folder to write")
-    finetune.add_argument("--resume", action="store_true",
-                          help="continue an interrupted fine-tune from its last checkpoint")
-    finetune.add_argument("--keep-checkpoints", action="store_true",
-                          help="keep DIR/checkpoints after training")
+    _add_model_out(finetune)
     _add_common(finetune)
 
     pretrain = commands.add_parser("pretrain", help="pretrain a general inpainter on unlabeled data",
@@ -157,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "unlabeled images; fine-tune from it with --init-model.")
     _add_slicing(pretrain)
     _add_training(pretrain)
-    pretrain.add_argument("--model-out", required=True, metavar="DIR", help="model folder to write")
-    pretrain.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    pretrain.add_argument("--keep-checkpoints", action="store_true", help="keep DIR/checkpoints")
+    _add_model_out(pretrain)
     _add_common(pretrain)
 
     sample = commands.add_parser("sample", help="generate pairs with a model folder",
