@@ -27,6 +27,13 @@ EXIT_CANCELLED = 3
 # Options
 
 
+class _Parser(argparse.ArgumentParser):
+    """Option errors raise ``MedDiffFTError`` (in-process callers must not be exited)."""
+
+    def error(self, message: str):
+        raise MedDiffFTError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run control")
     group.add_argument("--seed", type=int, default=0,
@@ -140,7 +147,7 @@ def _add_model_out(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="meddiffft",
         description="MedDiffFT: fine-tune a diffusion inpainting model on a few labeled medical "
                     "images, then paint new lesions into real backgrounds to make realistic, "
@@ -271,8 +278,10 @@ def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled:
                           init_model=args.init_model, keep_checkpoints=getattr(args, "keep_checkpoints", False))
 
 
-def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: Progress) -> dict:
-    """Generate for every case into ``directory``; write samples, manifest and preview."""
+def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: Progress,
+                 recorded_model: Path) -> dict:
+    """Generate for every case into ``directory`` (staged); write samples, manifest and preview.
+    ``recorded_model`` is the model folder's final path, for the manifest."""
     from .backbone import load_model, resolve_device
     from .caseio import read_case
     from .generate import generate_samples
@@ -294,7 +303,7 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
         rejected += dropped
         first_samples = first_samples or samples
     write_json(directory / "manifest.json", {"samples": entries, "rejected": rejected,
-                                             "model": {"path": str(model_dir), **card}})
+                                             "model": {"path": str(recorded_model), **card}})
     write_preview(directory / "preview.png", cases[0], first_samples, card["slices"]["axis"])
     return {"samples": len(entries), "preview": str(directory / "preview.png")}
 
@@ -333,7 +342,7 @@ def command_sample(args, progress: Progress) -> dict:
     cases = _read_inputs(args)
     out = Path(args.out)
     with staged_dir(out, args.overwrite) as tmp:
-        result = _sample_into(tmp, Path(args.model), cases, args, progress)
+        result = _sample_into(tmp, Path(args.model), cases, args, progress, Path(args.model))
     return {"out": str(out), "model": str(Path(args.model)), **result,
             "preview": str(out / "preview.png")}
 
@@ -347,7 +356,7 @@ def command_run(args, progress: Progress) -> dict:
     out = Path(args.out)
     with staged_dir(out, args.overwrite) as tmp:
         _finetune(args, progress, tmp / "model", cases, unlabeled)
-        result = _sample_into(tmp, tmp / "model", cases, args, progress)
+        result = _sample_into(tmp, tmp / "model", cases, args, progress, out / "model")
     return {"out": str(out), "model": str(out / "model"), **result, "preview": str(out / "preview.png")}
 
 
@@ -408,7 +417,11 @@ def run_command(argv: list[str], *, on_progress: Callable[[dict], None] | None =
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except MedDiffFTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     json_mode = args.progress == "json"
     progress = Progress(args.progress, None, None, args.cancel_file)
 

@@ -59,6 +59,7 @@ def test_volume_geometry_pixel_type_and_background_are_kept(tmp_path, volume_cas
         assert array.min() >= source_array.min() and array.max() <= source_array.max()
         assert entry["slices"] == [2, 3]
     assert (out / "preview.png").is_file()
+    assert manifest(out)["model"]["path"] == str(out / "model")
     assert (out / "model" / "meddiffft.json").is_file()
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (out / "model" / "checkpoints").exists()

@@ -197,3 +197,10 @@ def test_axis_choice():
     assert choose_axis((1.0, 1.0, 3.0), "auto", True) == 0
     with pytest.raises(MedDiffFTError, match="--axis 3"):
         choose_axis((1.0, 1.0, 1.0), "3", False)
+
+
+def test_bad_options_raise_instead_of_exiting(tmp_path):
+    with pytest.raises(MedDiffFTError, match="unrecognized arguments: --no-such-option"):
+        run_command(["run", "--no-such-option", "--out", tmp_path / "out"])
+    with pytest.raises(MedDiffFTError, match="invalid int value"):
+        run_command(["sample", "--model", tmp_path, "--samples", "many", "--out", tmp_path / "out"])
