@@ -157,6 +157,38 @@ def test_generate_adds_pairs_on_the_input_grid_in_one_folder(case, workRoot):
     assert not list(workRoot.glob("MedDiffFT-*"))
 
 
+def test_generate_from_a_segmentation_loaded_from_seg_nrrd(case, workRoot, tmp_path):
+    """A segmentation the user loaded from a .seg.nrrd file (with its storage node) works like one
+    made in the scene: output on the input grid, segment names kept, inputs untouched."""
+    scene, volumeNode, segmentationNode, *_ = case
+    path = tmp_path / "case.seg.nrrd"
+    writer = slicer.vtkMRMLSegmentationStorageNode()
+    writer.SetFileName(str(path))
+    assert writer.WriteData(segmentationNode)
+    loadedNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Loaded segmentation")
+    storageNode = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storageNode.SetFileName(str(path))
+    loadedNode.SetAndObserveStorageNodeID(storageNode.GetID())
+    assert storageNode.ReadData(loadedNode)
+    loaded = loadedNode.GetSegmentation()
+    names = [loaded.GetSegment(i).GetName() for i in loaded.GetSegmentIDs()]
+    assert sorted(names) == ["Cyst", "Lesion"]
+    before = snapshot(volumeNode, loadedNode)
+    original = snapshot(volumeNode, segmentationNode)
+
+    result = MRMLBridge.generate(volumeNode, loadedNode, options=TINY)
+
+    assert len(result.volumes) == len(result.segmentations) == 2
+    for synthVolume, synthSegmentation in zip(result.volumes, result.segmentations):
+        np.testing.assert_array_equal(ijkToRas(synthVolume), before["matrix"])
+        segments = synthSegmentation.GetSegmentation()
+        assert [segments.GetSegment(i).GetName() for i in segments.GetSegmentIDs()] == names
+    assertSnapshotsEqual(before, snapshot(volumeNode, loadedNode))
+    assertSnapshotsEqual(original, snapshot(volumeNode, segmentationNode))
+    assert loadedNode.GetStorageNode() is storageNode and storageNode.GetFileName() == str(path)
+    assert not list(workRoot.glob("MedDiffFT-*"))
+
+
 @pytest.mark.parametrize(
     "segmentIds, kwargs, error",
     [
