@@ -84,6 +84,11 @@ def _add_slicing(parser: argparse.ArgumentParser) -> None:
                             "(auto, default)")
     group.add_argument("--context", type=float, default=0.5,
                        help="ROI context on each side, as a fraction of the lesion size (default 0.5)")
+    group.add_argument("--scale", default="fit", choices=("fit", "native"),
+                       help="fit: carry each lesion window to --resolution px; native: keep the "
+                            "window's native pixels (up to 4x --resolution) and train on "
+                            "--resolution-px crops, so lesions get the tissue's sharpness "
+                            "(slower sampling)")
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +238,7 @@ def _settings(args):
     from .finetune import SliceSettings, TrainSettings
 
     slices = SliceSettings(resolution=args.resolution, axis=str(args.axis), intensity=args.intensity,
-                           roi=args.roi, context=args.context)
+                           roi=args.roi, context=args.context, scale=args.scale)
     unlabeled_given = bool(args.unlabeled or args.unlabeled_cases)
     pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else (
         args.train_steps if unlabeled_given else 0)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
+from scipy import ndimage
 from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone, load_model, save_model
@@ -40,6 +41,7 @@ class SliceSettings:
     intensity: str = "auto"
     roi: str = "auto"
     context: float = 0.5
+    scale: str = "fit"
 
 
 @dataclass
@@ -118,7 +120,7 @@ class TrainingWindows:
         mask = case.foreground[si]
         shift = tuple(rng.uniform(-0.1, 0.1, size=2))
         window = window_around(mask, self.slices.resolution, roi=self.slices.roi,
-                               context=self.slices.context, shift=shift)
+                               context=self.slices.context, shift=shift, scale=self.slices.scale)
         image = window.extract(case.images[si])
         lesion = window.extract(mask, is_mask=True)
         kind = rng.choice(3, p=self.curriculum)
@@ -130,12 +132,31 @@ class TrainingWindows:
         else:
             region = torch.from_numpy(random_blob(lesion.shape[1:], rng)[None].astype(np.float32))
             lesion = lesion * region
-        return image, region, lesion
+        return self._crop(rng, image, region, lesion)
+
+    def _crop(self, rng: np.random.Generator, image: torch.Tensor, region: torch.Tensor,
+              lesion: torch.Tensor) -> tuple:
+        """A ``resolution``-px crop of a larger native window, centred half of the time on the
+        region's border (where inpainting is hardest), else anywhere."""
+        size, side = image.shape[-1], self.slices.resolution
+        if size <= side:
+            return image, region, lesion
+        border = region[0].numpy() > 0
+        border = border & ~ndimage.binary_erosion(border)
+        if border.any() and rng.random() < 0.5:
+            cy, cx = np.argwhere(border)[rng.integers(border.sum())]
+        else:
+            cy, cx = rng.integers(0, size, size=2)
+        y0 = int(np.clip(cy - side // 2, 0, size - side))
+        x0 = int(np.clip(cx - side // 2, 0, size - side))
+        crop = (..., slice(y0, y0 + side), slice(x0, x0 + side))
+        return image[crop], region[crop], lesion[crop]
 
     def _random_item(self, rng: np.random.Generator, ci: int, si: int) -> tuple:
         case = self.cases[ci]
         height, width = case.images.shape[1:3]
-        size = case.window_size
+        # fit: a lesion-sized window carried to the model size; native: a model-size native crop
+        size = case.window_size if self.slices.scale == "fit" else self.slices.resolution
         y0 = int(rng.integers(0, height - size + 1)) if height > size else (height - size) // 2
         x0 = int(rng.integers(0, width - size + 1)) if width > size else (width - size) // 2
         window = Window(y0, x0, size, self.slices.resolution)
@@ -177,7 +198,7 @@ class TrainingWindows:
             ci, si = self.lesion_items[index]
             mask = self.cases[ci].foreground[si]
             window = window_around(mask, self.slices.resolution, roi=self.slices.roi,
-                                   context=self.slices.context)
+                                   context=self.slices.context, scale="fit")
             images.append(window.extract(self.cases[ci].images[si]))
             masks.append(window.extract(mask, is_mask=True))
         return {"images": torch.stack(images), "masks": torch.stack(masks)}

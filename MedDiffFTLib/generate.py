@@ -123,13 +123,21 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         region = new_stack[s] | old_stack[s]  # the old lesion's edge is blended by the seam
         if region.any():
             todo.append((s, region))
-    for start in range(0, len(todo), settings.slice_batch):
-        chunk = todo[start:start + settings.slice_batch]
-        windows = [window_around(region, backbone.resolution, roi=slices_cfg["roi"],
-                                 context=slices_cfg["context"]) for _, region in chunk]
-        bg = torch.stack([w.extract(normalized[s]) for w, (s, _) in zip(windows, chunk)])
-        region_t = torch.stack([w.extract(r, is_mask=True) for w, (_, r) in zip(windows, chunk)])
-        lesion_t = torch.stack([w.extract(new_stack[s], is_mask=True) for w, (s, _) in zip(windows, chunk)])
+    windows = [window_around(region, backbone.resolution, roi=slices_cfg["roi"],
+                             context=slices_cfg["context"], scale=slices_cfg.get("scale", "fit"))
+               for _, region in todo]
+    groups: dict[int, list[int]] = {}  # slices whose windows share a model-space size run together
+    for i, window in enumerate(windows):
+        groups.setdefault(window.resolution, []).append(i)
+    chunks = [ids[k:k + settings.slice_batch] for ids in groups.values()
+              for k in range(0, len(ids), settings.slice_batch)]
+    for chunk_ids in chunks:
+        chunk = [todo[i] for i in chunk_ids]
+        chunk_windows = [windows[i] for i in chunk_ids]
+        bg = torch.stack([w.extract(normalized[s]) for w, (s, _) in zip(chunk_windows, chunk)])
+        region_t = torch.stack([w.extract(r, is_mask=True) for w, (_, r) in zip(chunk_windows, chunk)])
+        lesion_t = torch.stack([w.extract(new_stack[s], is_mask=True)
+                                for w, (s, _) in zip(chunk_windows, chunk)])
         init = None
         if settings.init == "transplant":
             init = torch.stack([_transplant(b, r, l, bank, pick) for b, r, l in zip(bg, region_t, lesion_t)])
@@ -137,7 +145,7 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         request = InpaintRequest(bg, region_t, lesion_t, generators, init=init,
                                  strength=settings.strength if init is not None else 1.0)
         result = backbone.inpaint(request, sampler=settings.sampler, num_steps=settings.sampling_steps)
-        for window, (s, region), generated in zip(windows, chunk, result):
+        for window, (s, region), generated in zip(chunk_windows, chunk, result):
             native = intensity.inverse(window.to_native(generated))
             if native.ndim == 2 and background.channels > 1:  # grey model, colour-stored image
                 native = native[..., None]

@@ -151,21 +151,40 @@ class Window:
                 slice(y0 - self.y0, y1 - self.y0), slice(x0 - self.x0, x1 - self.x0))
 
 
+NATIVE_LIMIT = 4  # native windows wider than this x resolution are downsampled to it
+
+
+def _round_up(value: int, multiple: int = 8) -> int:
+    return -(-value // multiple) * multiple
+
+
 def window_around(mask: np.ndarray, resolution: int, *, roi: str = "auto", context: float = 0.5,
-                  shift: tuple[float, float] = (0.0, 0.0)) -> Window:
+                  shift: tuple[float, float] = (0.0, 0.0), scale: str = "fit") -> Window:
     """The window for a lesion: its bounding box plus ``context`` x its size on each side, at
-    least ``resolution`` wide (native pixels when it fits), or the whole slice (``roi=off``, or
-    ``auto`` when the lesion window would cover the slice anyway). ``shift`` moves the centre by a
-    fraction of the window (training augmentation)."""
+    least ``resolution`` wide, or the whole slice (``roi=off``, or ``auto`` when the lesion window
+    would cover the slice anyway). ``shift`` moves the centre by a fraction of the window (training
+    augmentation).
+
+    ``scale="fit"`` carries the window to ``resolution`` px (native when it is that small);
+    ``scale="native"`` keeps its native pixels (up to ``NATIVE_LIMIT`` x ``resolution``): the
+    fully convolutional model, trained on ``resolution``-px crops, paints at the tissue's own
+    sharpness.
+    """
+    if roi not in ("on", "off", "auto"):
+        raise MedDiffFTError(f"--roi {roi}: use auto, on or off.")
+    if scale not in ("fit", "native"):
+        raise MedDiffFTError(f"--scale {scale}: use fit or native.")
     height, width = mask.shape
     whole = max(height, width)
     y0, y1, x0, x1 = bounding_box(mask)
     side = max(y1 - y0, x1 - x0)
     size = max(resolution, int(math.ceil(side * (1 + 2 * context))))
-    if roi == "off" or (roi == "auto" and size >= whole) or size >= whole:
-        return Window((height - whole) // 2, (width - whole) // 2, whole, resolution)
-    if roi not in ("on", "auto"):
-        raise MedDiffFTError(f"--roi {roi}: use auto, on or off.")
+    if scale == "native":
+        size, whole = _round_up(size), _round_up(whole)
+    output = resolution if scale == "fit" else min(size, NATIVE_LIMIT * resolution)
+    if roi == "off" or size >= whole:
+        output = resolution if scale == "fit" else min(whole, NATIVE_LIMIT * resolution)
+        return Window((height - whole) // 2, (width - whole) // 2, whole, output)
     cy = (y0 + y1) / 2 + shift[0] * size
     cx = (x0 + x1) / 2 + shift[1] * size
 
@@ -173,4 +192,4 @@ def window_around(mask: np.ndarray, resolution: int, *, roi: str = "auto", conte
         start = int(round(centre - size / 2))
         return min(max(start, 0), extent - size) if extent >= size else (extent - size) // 2
 
-    return Window(place(cy, height), place(cx, width), size, resolution)
+    return Window(place(cy, height), place(cx, width), size, output)

@@ -202,3 +202,24 @@ def test_demo_runs_and_says_it_uses_a_phantom(tmp_path):
     assert (tmp_path / "demo" / "run" / "preview.png").is_file()
     assert result["preview"] == str(tmp_path / "demo" / "run" / "preview.png")
     assert any("phantom" in e.get("message", "") for e in events)
+
+
+def test_native_scale_keeps_native_pixels(tmp_path, picture_case):
+    from PIL import Image
+
+    from MedDiffFTLib.slicing import window_around
+
+    image_path, label_path = picture_case
+    mask = np.asarray(Image.open(label_path)) > 0
+    window = window_around(mask, 32, scale="native")
+    assert window.native and window.size % 8 == 0 and window.size > 32  # no resampling
+    assert not window_around(mask, 32, scale="fit").native
+    run(tmp_path, image_path, label_path, "out", "--scale", "native")
+    out = tmp_path / "out"
+    assert manifest(out)["model"]["slices"]["scale"] == "native"
+    source = np.asarray(Image.open(image_path))
+    for entry in manifest(out)["samples"]:
+        sample = np.asarray(Image.open(out / entry["image"]))
+        far = seam_weights(mask, SEAM) == 0
+        assert np.array_equal(sample[far], source[far])
+        assert not np.array_equal(sample[mask], source[mask])
