@@ -10,7 +10,6 @@ for MHA), because re-encoding geometry through SimpleITK's NRRD/NIfTI writers is
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -65,17 +64,6 @@ class Case:
     @property
     def channels(self) -> int:
         return 1 if self.image.ndim == 3 else self.image.shape[-1]
-
-    @property
-    def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(self.image.shape[:3])
-
-    def data_hash(self) -> str:
-        """Content hash of image and foreground, to record what a model was trained on."""
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.image).tobytes())
-        h.update(np.packbits(self.foreground).tobytes())
-        return h.hexdigest()
 
 
 def _require_file(path: str | os.PathLike, what: str) -> None:
