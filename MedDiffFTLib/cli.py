@@ -84,11 +84,12 @@ def _add_slicing(parser: argparse.ArgumentParser) -> None:
                             "(auto, default)")
     group.add_argument("--context", type=float, default=0.5,
                        help="ROI context on each side, as a fraction of the lesion size (default 0.5)")
-    group.add_argument("--scale", default="fit", choices=("fit", "native"),
-                       help="fit: carry each lesion window to --resolution px; native: keep the "
-                            "window's native pixels (up to 4x --resolution) and train on "
-                            "--resolution-px crops, so lesions get the tissue's sharpness "
-                            "(slower sampling)")
+    group.add_argument("--scale", default="native", choices=("native", "fit"),
+                       help="native (default): keep each lesion window's native pixels (up to 4x "
+                            "--resolution) and train on --resolution-px crops, so lesions get the "
+                            "tissue's sharpness (on BUSI: high-frequency energy 0.65 vs 0.37 for "
+                            "fit, real 0.64; bench/busi_levers.sh); fit: carry the window to "
+                            "--resolution px (faster sampling of large lesions)")
 
 
 def _add_training(parser: argparse.ArgumentParser) -> None:

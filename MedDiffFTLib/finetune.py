@@ -41,7 +41,7 @@ class SliceSettings:
     intensity: str = "auto"
     roi: str = "auto"
     context: float = 0.5
-    scale: str = "fit"
+    scale: str = "native"
 
 
 @dataclass

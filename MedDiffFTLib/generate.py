@@ -124,7 +124,7 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         if region.any():
             todo.append((s, region))
     windows = [window_around(region, backbone.resolution, roi=slices_cfg["roi"],
-                             context=slices_cfg["context"], scale=slices_cfg.get("scale", "fit"))
+                             context=slices_cfg["context"], scale=slices_cfg["scale"])
                for _, region in todo]
     groups: dict[int, list[int]] = {}  # slices whose windows share a model-space size run together
     for i, window in enumerate(windows):

@@ -159,7 +159,7 @@ def _round_up(value: int, multiple: int = 8) -> int:
 
 
 def window_around(mask: np.ndarray, resolution: int, *, roi: str = "auto", context: float = 0.5,
-                  shift: tuple[float, float] = (0.0, 0.0), scale: str = "fit") -> Window:
+                  shift: tuple[float, float] = (0.0, 0.0), scale: str = "native") -> Window:
     """The window for a lesion: its bounding box plus ``context`` x its size on each side, at
     least ``resolution`` wide, or the whole slice (``roi=off``, or ``auto`` when the lesion window
     would cover the slice anyway). ``shift`` moves the centre by a fraction of the window (training
@@ -183,8 +183,9 @@ def window_around(mask: np.ndarray, resolution: int, *, roi: str = "auto", conte
         size, whole = _round_up(size), _round_up(whole)
     output = resolution if scale == "fit" else min(size, NATIVE_LIMIT * resolution)
     if roi == "off" or size >= whole:
-        output = resolution if scale == "fit" else min(whole, NATIVE_LIMIT * resolution)
-        return Window((height - whole) // 2, (width - whole) // 2, whole, output)
+        side = whole if scale == "fit" else max(whole, resolution)  # native: never below the model size
+        output = resolution if scale == "fit" else min(side, NATIVE_LIMIT * resolution)
+        return Window((height - side) // 2, (width - side) // 2, side, output)
     cy = (y0 + y1) / 2 + shift[0] * size
     cx = (x0 + x1) / 2 + shift[1] * size
 

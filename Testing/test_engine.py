@@ -204,7 +204,8 @@ def test_demo_runs_and_says_it_uses_a_phantom(tmp_path):
     assert any("phantom" in e.get("message", "") for e in events)
 
 
-def test_native_scale_keeps_native_pixels(tmp_path, picture_case):
+@pytest.mark.parametrize("scale", ["native", "fit"])
+def test_both_scales_keep_the_background(tmp_path, picture_case, scale):
     from PIL import Image
 
     from MedDiffFTLib.slicing import window_around
@@ -214,9 +215,9 @@ def test_native_scale_keeps_native_pixels(tmp_path, picture_case):
     window = window_around(mask, 32, scale="native")
     assert window.native and window.size % 8 == 0 and window.size > 32  # no resampling
     assert not window_around(mask, 32, scale="fit").native
-    run(tmp_path, image_path, label_path, "out", "--scale", "native")
+    run(tmp_path, image_path, label_path, "out", "--scale", scale)
     out = tmp_path / "out"
-    assert manifest(out)["model"]["slices"]["scale"] == "native"
+    assert manifest(out)["model"]["slices"]["scale"] == scale
     source = np.asarray(Image.open(image_path))
     for entry in manifest(out)["samples"]:
         sample = np.asarray(Image.open(out / entry["image"]))
