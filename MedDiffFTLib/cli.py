@@ -49,7 +49,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                        help="replace an existing non-empty output folder")
 
 
-def _add_inputs(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+def _add_inputs(parser: argparse.ArgumentParser, *, what: str) -> None:
     group = parser.add_argument_group(what)
     group.add_argument("--image", action="append", default=[], metavar="PATH",
                        help="image: NRRD, NIfTI, MHA or a 2D PNG/JPG/GIF/BMP; repeat for several "
@@ -65,7 +65,6 @@ def _add_inputs(parser: argparse.ArgumentParser, *, required: bool, what: str) -
     group.add_argument("--resample-label", action="store_true",
                        help="resample a label that is not on the image grid onto it (nearest "
                             "neighbour); otherwise such a label is an error")
-    parser.set_defaults(_inputs_required=required)
 
 
 def _add_slicing(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = commands.add_parser("finetune", help="fine-tune a model folder on labeled cases",
                                    description="Fine-tune the backbone on labeled cases and write a "
                                                "model folder (safetensors + meddiffft.json).")
-    _add_inputs(finetune, required=True, what="training cases")
+    _add_inputs(finetune, what="training cases")
     _add_slicing(finetune)
     _add_training(finetune)
     _add_model_out(finetune)
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="generate pairs with a model folder",
                                  description="Generate synthetic image+label pairs for each case.")
     sample.add_argument("--model", required=True, metavar="DIR", help="model folder")
-    _add_inputs(sample, required=True, what="cases to generate from")
+    _add_inputs(sample, what="cases to generate from")
     _add_sampling(sample)
     sample.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_common(sample)
@@ -189,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="fine-tune and sample in one call",
                               description="Fine-tune on the cases, then generate pairs for each; "
                                           "the model is kept in OUT/model.")
-    _add_inputs(run, required=True, what="cases")
+    _add_inputs(run, what="cases")
     _add_slicing(run)
     _add_training(run)
     _add_sampling(run)
@@ -220,7 +219,7 @@ def _read_inputs(args, *, allow_empty: bool = False) -> list:
     pairs = list(zip(args.image, args.label))
     if args.cases:
         pairs += read_cases_csv(args.cases)
-    if not pairs and args._inputs_required:
+    if not pairs:
         raise MedDiffFTError("No cases given: pass --image IMG --label LABEL (repeatable) or --cases CSV.")
     return [read_case(image, label, segment=args.segment, resample_label=args.resample_label,
                       allow_empty=allow_empty) for image, label in pairs]
