@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,9 @@ class TrainingWindows:
         if not cases and not unlabeled:
             raise MedDiffFTError("No training data: pass labeled cases or unlabeled images.")
 
+    @cached_property
     def data_hash(self) -> str:
+        """Content hash of the prepared training data (checkpoint fingerprint, model card)."""
         h = hashlib.sha256()
         for c in self.cases:
             h.update(c.images.tobytes())
@@ -262,7 +265,7 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     ema = EMAModel(params, decay=settings.ema_decay, use_ema_warmup=True, power=0.75)
     fingerprint = hashlib.sha256(json.dumps(
-        [windows.data_hash(), asdict(settings) | {"minutes": None}, asdict(windows.slices)],
+        [windows.data_hash, asdict(settings) | {"minutes": None}, asdict(windows.slices)],
         sort_keys=True).encode()).hexdigest()
     start = 0
     if checkpoint_dir is not None:
@@ -330,7 +333,7 @@ def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
     card = {
         "slices": asdict(slices),
         "training": {**asdict(settings), **{k: v for k, v in stats.items() if k != "losses"},
-                     "data_hash": windows.data_hash(), "init_model": init_model,
+                     "data_hash": windows.data_hash, "init_model": init_model,
                      "cases": [{"image": c.image_path, "label": c.label_path} for c in cases],
                      "unlabeled": [c.image_path for c in unlabeled]},
         "resolution": slices.resolution,

@@ -116,8 +116,6 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
     regenerated = np.zeros(background.foreground.shape, dtype=bool)
     regen_stack = slice_stack(regenerated, axis)
     pick = int(rng.integers(len(bank["images"]))) if settings.init == "transplant" else 0
-    if settings.init == "transplant" and not bank:
-        raise MedDiffFTError("--init transplant needs the model's lesion bank (lesion_bank.safetensors).")
     todo = []
     for s in range(len(new_stack)):
         region = new_stack[s] | old_stack[s]  # the old lesion's edge is blended by the seam
@@ -180,6 +178,9 @@ def generate_samples(backbone: Backbone, card: dict, bank: dict, case: Case, *,
         raise MedDiffFTError(f"--seam {settings.seam}: use 0 to {MAX_SEAM} px.")
     if settings.init not in ("noise", "transplant"):
         raise MedDiffFTError(f"--init {settings.init}: use noise or transplant.")
+    if settings.init == "transplant" and not bank:
+        raise MedDiffFTError("--init transplant needs real lesions (lesion_bank.safetensors), which a "
+                             "model pretrained without labels lacks: fine-tune it on labeled cases.")
     backgrounds = list(backgrounds) or [case]
     kept, rejected = [], []
     per_sample = max(1, count_slices(case, card))

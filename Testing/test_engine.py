@@ -109,7 +109,10 @@ def test_seeds_reproduce_and_differ_and_reload_reproduces(tmp_path, volume_case)
     run(tmp_path, image_path, label_path, "a")
     run(tmp_path, image_path, label_path, "b")
     a, b = tmp_path / "a", tmp_path / "b"
-    arrays = lambda out, i: sitk.GetArrayFromImage(read(out / manifest(out)["samples"][i]["image"]))  # noqa: E731
+
+    def arrays(out, i):
+        return sitk.GetArrayFromImage(read(out / manifest(out)["samples"][i]["image"]))
+
     assert np.array_equal(arrays(a, 0), arrays(b, 0))  # same seed -> identical
     assert not np.array_equal(arrays(a, 0), arrays(a, 1))  # another seed -> different
     # save/load: sampling from the saved model folder reproduces the run's outputs exactly

@@ -24,6 +24,10 @@ def test_pretrain_then_finetune_from_it(tmp_path, volume_case):
     assert pre["training"]["pretrain_steps"] == 4 and pre["training"]["steps"] == 0
     assert pre["training"]["unlabeled"] == [str(unlabeled)]
     assert not (tmp_path / "pre" / "lesion_bank.safetensors").exists()
+    with pytest.raises(MedDiffFTError, match="--init transplant needs real lesions"):
+        run_command(["sample", "--model", tmp_path / "pre", "--image", image, "--label", label,
+                     "--init", "transplant", "--out", tmp_path / "out", *COMMON])
+    assert not (tmp_path / "out").exists()
     run_command(["finetune", "--image", image, "--label", label, "--init-model", tmp_path / "pre",
                  "--model-out", tmp_path / "ft", *TRAIN_TINY, *COMMON])
     assert card(tmp_path / "ft")["training"]["init_model"] == str(tmp_path / "pre")

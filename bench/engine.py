@@ -63,7 +63,8 @@ def texture_stats(image: np.ndarray, mask: np.ndarray) -> dict:
     highpass = np.abs(image - ndimage.gaussian_filter(image, 1.5))
     mean = ndimage.uniform_filter(image, 7)
     local_std = np.sqrt(np.maximum(ndimage.uniform_filter(image ** 2, 7) - mean ** 2, 0))
-    inner = ndimage.binary_erosion(mask, iterations=2) if ndimage.binary_erosion(mask, iterations=2).any() else mask
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    inner = inner if inner.any() else mask
     return {"hf_energy": highpass[inner].mean() / max(highpass[ring].mean(), 1e-9),
             "local_contrast": local_std[inner].mean() / max(local_std[ring].mean(), 1e-9),
             "darkness": image[inner].mean() / max(image[ring].mean(), 1e-9)}
