@@ -273,6 +273,11 @@ def _prepare_model_out(path: Path, args) -> None:
     check_output_dir(path, False, what="--model-out")
 
 
+def _finetune_stages(args, cases: list, progress: Progress) -> list:
+    """The model folder's other parts, trained on the labeled ``cases`` (see finetune_model)."""
+    return []
+
+
 def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled: list) -> dict:
     from .backbone import resolve_device
     from .finetune import finetune_model
@@ -280,7 +285,8 @@ def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled:
     slices, train = _settings(args)
     return finetune_model(cases, model_out=model_out, slices=slices, settings=train,
                           device=resolve_device(args.device), progress=progress, unlabeled=unlabeled,
-                          init_model=args.init_model, keep_checkpoints=getattr(args, "keep_checkpoints", False))
+                          init_model=args.init_model, keep_checkpoints=getattr(args, "keep_checkpoints", False),
+                          extra_stages=_finetune_stages(args, cases, progress))
 
 
 def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: Progress,

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -307,11 +308,13 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
 def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
                    settings: TrainSettings, device: torch.device, progress: Progress,
                    unlabeled: list[Case] = (), init_model: str | None = None,
-                   keep_checkpoints: bool = False) -> dict:
+                   keep_checkpoints: bool = False,
+                   extra_stages: Sequence[Callable[[Path], tuple[str, dict]]] = ()) -> dict:
     """Fine-tune a compact backbone on ``cases`` and write a model folder to ``model_out``.
 
-    Checkpoints go to ``model_out/checkpoints`` (resumed from when present); the model card is
-    written last. Returns the model card.
+    Checkpoints go to ``model_out/checkpoints`` (resumed from when present). ``extra_stages`` train
+    the other parts of a model folder (mask generator, quality reference): each writes into the
+    folder and returns (model card key, card entry). The model card is written last. Returns it.
     """
     torch.manual_seed(settings.seed)
     windows = TrainingWindows(list(cases), list(unlabeled), slices, settings.curriculum)
@@ -340,6 +343,9 @@ def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
         "channels": windows.channels,
         "parameters": sum(p.numel() for p in backbone.trainable_parameters()),
     }
+    for stage in extra_stages:
+        key, entry = stage(model_out)
+        card[key] = entry
     save_model(model_out, backbone, card, windows.lesion_bank())
     (model_out / "training_loss.json").write_text(json.dumps(stats["losses"]))
     if not keep_checkpoints:
