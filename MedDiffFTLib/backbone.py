@@ -32,7 +32,9 @@ class InpaintRequest:
     """One batch to inpaint, all tensors (B, ., R, R) in model space.
 
     ``region``: where to generate (binary); ``lesion``: where the lesion must be (binary; the
-    rest of the region is healed as non-lesion tissue); ``init``: optional start image.
+    rest of the region is healed as non-lesion tissue); ``init``: optional start image. Text-
+    conditioned backbones use ``prompt``/``negative_prompt``/``guidance_scale`` (None: the
+    model's own); others ignore them.
     """
 
     background: torch.Tensor
@@ -41,6 +43,9 @@ class InpaintRequest:
     generators: list[torch.Generator]
     init: torch.Tensor | None = None
     strength: float = 1.0
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
 
 
 class Backbone(ABC):
@@ -56,6 +61,16 @@ class Backbone(ABC):
     @abstractmethod
     def training_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Loss for a batch with ``image`` (B,C,R,R), ``region`` and ``lesion`` (B,1,R,R)."""
+
+    def encode_batch(self, batch: dict[str, torch.Tensor],
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The deterministic part of ``training_loss``'s input preparation, which training may
+        compute once per cached window (e.g. VAE latents); pixel-space backbones need none."""
+        return {}
+
+    def describe(self) -> dict:
+        """Backbone settings for the model card."""
+        return {}
 
     @abstractmethod
     def inpaint(self, request: InpaintRequest, *, sampler: str, num_steps: int,
@@ -89,8 +104,9 @@ def resolve_device(name: str) -> torch.device:
 
 def backbone_classes() -> dict[str, type]:
     from .compact import CompactBackbone
+    from .sd_inpaint import SDInpaintBackbone
 
-    return {CompactBackbone.kind: CompactBackbone}
+    return {CompactBackbone.kind: CompactBackbone, SDInpaintBackbone.kind: SDInpaintBackbone}
 
 
 def read_model_card(model_dir: str | os.PathLike) -> dict:

@@ -33,6 +33,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise MedDiffFTError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
+    def parse_args(self, args=None, namespace=None):
+        """Training options left unset take the chosen backbone's and recipe's defaults."""
+        parsed = super().parse_args(args, namespace)
+        if hasattr(parsed, "recipe") and hasattr(parsed, "train_steps"):  # commands that train
+            from .finetune import recipe_defaults
+
+            for name, value in recipe_defaults(parsed.backbone, parsed.recipe).items():
+                if getattr(parsed, name, "") is None:
+                    setattr(parsed, name, value)
+        return parsed
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run control")
@@ -69,8 +80,9 @@ def _add_inputs(parser: argparse.ArgumentParser, *, what: str) -> None:
 
 def _add_slicing(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("slices")
-    group.add_argument("--resolution", type=int, default=64,
-                       help="working resolution of the model in px (default: 64)")
+    group.add_argument("--resolution", type=int,
+                       help="working resolution of the model in px (default: 64 compact, 512 "
+                            "sd-inpaint; 256 is sd-inpaint's small-GPU/CPU mode)")
     group.add_argument("--axis", default="auto",
                        help="slicing axis: auto (largest spacing; ties: 0), 0, 1 or 2 (array axes "
                             "Z, Y, X); 2D images have one slice (default: auto)")
@@ -93,17 +105,52 @@ def _add_slicing(parser: argparse.ArgumentParser) -> None:
 
 def _add_training(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--backbone", default="compact", choices=("compact",),
-                       help="inpainting backbone (default: compact, pixel space, trained from scratch)")
+    group.add_argument("--backbone", default="compact", choices=("compact", "sd-inpaint"),
+                       help="inpainting backbone: compact (default; pixel space, trained from "
+                            "scratch) or sd-inpaint (a Stable Diffusion inpainting checkpoint, "
+                            "see --base-model)")
     group.add_argument("--model-size", default="small", choices=("tiny", "small", "base"),
                        help="compact UNet size: tiny (tests), small (CPU default), base")
-    group.add_argument("--train-steps", type=int, default=600, help="optimizer steps (default 600)")
+    group.add_argument("--recipe", choices=("default", "reference"),
+                       help="default, or reference: the reference code's sd-inpaint recipe (full "
+                            "UNet, lr 3e-6, AdamW wd 1e-2, clip 1, batch 1 x accumulation 2, 500 "
+                            "steps, 512 px, fp32, exact masks, plain MSE, prompt 'a photo of hta'; "
+                            "sampling: 50 DDIM steps, CFG 7.5); options given explicitly still win")
+    group.add_argument("--train-steps", type=int, help="optimizer steps (default 600)")
     group.add_argument("--train-minutes", type=float,
                        help="stop training after this many minutes (a time budget instead of steps)")
-    group.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
-    group.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW learning rate")
-    group.add_argument("--lesion-weight", type=float, default=2.0,
-                       help="loss weight 1 + W inside the inpainted region (0 = plain MSE)")
+    group.add_argument("--batch-size", type=int, help="training batch size (default 8 compact, 2 sd-inpaint)")
+    group.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    group.add_argument("--learning-rate", type=float,
+                       help="AdamW learning rate (default 2e-4 compact, 1e-4 sd-inpaint)")
+    group.add_argument("--lesion-weight", type=float,
+                       help="loss weight 1 + W inside the inpainted region (0 = plain MSE; default 2)")
+    group.add_argument("--optimizer", choices=("adamw", "adamw-8bit"),
+                       help="adamw (default) or adamw-8bit (needs bitsandbytes, CUDA)")
+    sd = parser.add_argument_group("sd-inpaint backbone")
+    sd.add_argument("--base-model", metavar="DIR_OR_HUB_ID",
+                    help="diffusers StableDiffusionInpaintPipeline folder (safetensors), or a hub id "
+                         "such as stable-diffusion-v1-5/stable-diffusion-inpainting (CreativeML "
+                         "OpenRAIL-M licence; downloaded only when named)")
+    sd.add_argument("--finetune", choices=("lora", "full"),
+                    help="lora (default: adapters on the UNet attention projections + conv_in) or full")
+    sd.add_argument("--lora-rank", type=int, help="LoRA rank (default 8)")
+    sd.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    sd.add_argument("--lora-targets", metavar="NAMES",
+                    help="comma-separated UNet module names for LoRA (default to_q,to_k,to_v,to_out.0)")
+    sd.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="autocast dtype: auto (default) = bf16 on GPUs and CPUs that support it, else fp32")
+    sd.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                    help="recompute UNet activations in the backward pass: less memory, more time (default on)")
+    sd.add_argument("--attention", choices=("sdpa", "classic"),
+                    help="attention kernel: sdpa (default, torch scaled_dot_product_attention) or classic")
+    sd.add_argument("--latent-pool", type=int,
+                    help="train on a fixed pool of N drawn windows whose VAE latents are computed "
+                         "once (default 64 sd-inpaint; 0 = fresh windows every step)")
+    sd.add_argument("--no-latent-cache", action="store_true",
+                    help="encode the pool's windows at every step instead of once (for comparison)")
+    sd.add_argument("--prompt", help="lesion prompt (default 'a photo of hta lesion'; at sampling: the model's)")
+    sd.add_argument("--heal-prompt", help="prompt for healing tissue (default 'a photo of hta tissue')")
     group.add_argument("--checkpoint-every", type=int, default=200,
                        help="write a resumable checkpoint every N steps (default 200)")
     group.add_argument("--init-model", metavar="DIR",
@@ -117,6 +164,48 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
                             "unlabeled data is given, else 0)")
 
 
+def _add_quality(parser: argparse.ArgumentParser, *, reference: bool, filtering: bool) -> None:
+    group = parser.add_argument_group("quality assessment")
+    group.add_argument("--qa", default="on", choices=("on", "off"),
+                       help="on (default): fine-tuning builds a quality reference from the labeled "
+                            "lesions (model folder's quality/), sampling scores every sample "
+                            "(realism, paint, memorization, mask faithfulness; manifest \"qa\") and "
+                            "rejects those below the thresholds calibrated on the real lesions")
+    if reference:
+        group.add_argument("--qa-percentile", type=float, default=95.0,
+                           help="share (%%) of real lesions each calibrated check lets pass (default 95)")
+        group.add_argument("--qa-folds", type=int, default=3,
+                           help="cross-fitting folds of the faithfulness segmenters (default 3)")
+        group.add_argument("--qa-segmenter-steps", type=int, default=300,
+                           help="training steps of each faithfulness segmenter (default 300)")
+        group.add_argument("--qa-segmenter-resolution", type=int, default=64,
+                           help="faithfulness segmenter input side in px, a multiple of 8 (default 64)")
+    if filtering:
+        group.add_argument("--qa-keep", type=int, metavar="N",
+                           help="keep the N best passing samples of --samples per case (ranked by "
+                                "the overall QA score); the others are listed in the manifest's "
+                                "\"rejected\" with the reason, not written")
+
+
+def _add_allowed_region(group) -> None:
+    group.add_argument("--allowed-region", metavar="PATH_OR_SEGMENT",
+                       help="where generated lesions may go: a mask file on the image's grid, or a "
+                            "segment name/label value of the image's own label (e.g. the organ); "
+                            "default: the image's body (Otsu foreground)")
+
+
+def _add_mask_generator(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mask generator")
+    group.add_argument("--mask-steps", type=int, default=300,
+                       help="training steps of the mask generator, a small diffusion model on the "
+                            "labeled lesions' shapes (model folder's mask_generator/; default 300, "
+                            "tens of seconds on a CPU; 0 = none: sample with --mask-source label "
+                            "or jitter)")
+    group.add_argument("--mask-resolution", type=int, default=32,
+                       help="side of the mask generator's shape frame in px, a multiple of 4 "
+                            "(default 32: lesion outlines are smooth, and 64 trains 4x slower)")
+
+
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--samples", type=int, default=4, help="samples per case (default 4)")
@@ -128,18 +217,39 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                             "guide mask and noised to --strength (keeps real lesion texture)")
     group.add_argument("--strength", type=float, default=0.7,
                        help="noise strength of a transplant start, 0..1 (default 0.7)")
-    group.add_argument("--mask-source", default="label", choices=("label", "jitter"),
-                       help="guide mask: the case's label, or the label randomly moved, scaled and "
-                            "rotated within bounds (the old lesion is healed)")
+    group.add_argument("--mask-source", default="generator", choices=("label", "jitter", "generator"),
+                       help="guide mask: generator (default) draws a new lesion from the model "
+                            "folder's mask generator and places it inside --allowed-region; label "
+                            "keeps the case's label; jitter moves, scales and rotates it within "
+                            "bounds (the old lesion is healed in every case)")
+    _add_allowed_region(group)
+    group.add_argument("--erode", default="auto", metavar="auto|0|PX",
+                       help="mask corrosion of the output label, in-plane per slice: auto (default; "
+                            "a radius of 5%% of each lesion slice's equivalent radius, so lesions "
+                            "under ~10 px radius keep their label), 0 (label = guide mask) or a "
+                            "radius in px; a lesion is never eroded to nothing")
+    group.add_argument("--erode-changed", action="store_true",
+                       help="also drop label pixels the model left unchanged (holes filled)")
     group.add_argument("--jitter", dest="mask_source", action="store_const", const="jitter",
                        help="same as --mask-source jitter")
     group.add_argument("--background", action="append", default=[], metavar="PATH",
                        help="lesion-free image/volume to paint into instead of the case itself "
                             "(repeatable; samples cycle through them)")
+    group.add_argument("--guidance-scale", type=float,
+                       help="classifier-free guidance scale of sd-inpaint models (default: the "
+                            "model's, 3.0; 1 = no guidance)")
+    group.add_argument("--negative-prompt", help="sd-inpaint negative prompt (default: the model's, empty)")
     group.add_argument("--seam", type=int, default=3,
                        help="feathered seam around the mask, native px, 0..8: farther out the "
                             "output equals the input exactly (default 3)")
     group.add_argument("--slice-batch", type=int, default=16, help="slices per forward pass")
+    group.add_argument("--slice-coherence", default="propagate", choices=("independent", "propagate"),
+                       help="volumes: propagate (default; one window for all slices, the centre "
+                            "slice first, each next slice started from its generated neighbour "
+                            "noised to --strength: on Hippocampus the slice-to-slice statistics "
+                            "match real ones, see bench/coherence.py; sequential, so slower) or "
+                            "independent (slices generated independently, in batches); 2D images "
+                            "are one slice either way")
 
 
 def _add_model_out(parser: argparse.ArgumentParser) -> None:
@@ -149,6 +259,59 @@ def _add_model_out(parser: argparse.ArgumentParser) -> None:
                        help="continue an interrupted run from its last checkpoint in DIR/checkpoints")
     group.add_argument("--keep-checkpoints", action="store_true",
                        help="keep DIR/checkpoints after training")
+
+
+def _add_export_sources(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cases to export")
+    group.add_argument("--from", dest="runs", nargs="+", required=True, metavar="RUN_DIR",
+                       help="output folders of `meddiffft run`, `sample` or `batch` (their "
+                            "manifest.json lists the synthetic pairs)")
+    group.add_argument("--real", metavar="TRAIN.CSV",
+                       help="CSV with columns image,label of the real cases to put next to them")
+
+
+def _add_evaluate(commands) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="does synthetic data improve a segmenter? (paired over K-subsets)",
+        description="For each seed: draw K labeled training cases, fine-tune and generate through "
+                    "`run`, train the same MONAI 2D U-Net on the real cases alone and with the "
+                    "synthetic pairs mixed into every batch, and compare test Dice (paired t-test). "
+                    "Writes OUT/report.json, report.md and plots; an interrupted run continues.")
+    evaluate.add_argument("--train", required=True, metavar="CSV", help="training pool: columns image,label")
+    evaluate.add_argument("--test", required=True, metavar="CSV",
+                          help="test cases (image,label), disjoint from --train; only used for scoring")
+    evaluate.add_argument("--out", required=True, metavar="DIR", help="run folder (resumable)")
+    evaluate.add_argument("--k", type=int, default=20, help="labeled training cases per seed (default 20)")
+    evaluate.add_argument("--synthetic-per-real", type=int, default=2,
+                          help="synthetic pairs generated per labeled case (default 2)")
+    evaluate.add_argument("--seeds", type=int, default=3,
+                          help="seeds, each with its own random K-subset (default 3; --seed is the first)")
+    evaluate.add_argument("--validation-cases", type=int, default=10,
+                          help="training-pool cases held out per seed for model selection (default 10)")
+    evaluate.add_argument("--unlabeled-pool", default="on", choices=("on", "off"),
+                          help="give the rest of the training pool, without labels, to the backbone's "
+                               "unlabeled pretraining (default on)")
+    evaluate.add_argument("--backbone", help="backbone for `run` (default: run's default)")
+    evaluate.add_argument("--base-model", metavar="DIR", help="base model for `run` (sd-inpaint backbones)")
+    evaluate.add_argument("--train-steps", type=int, help="backbone fine-tune steps (default: run's default)")
+    evaluate.add_argument("--run-args", default="", metavar="'ARGS'",
+                          help="more options for `run`, in one quoted string (e.g. '--qa --resolution 64')")
+    evaluate.add_argument("--arms", default="real_only,real_plus_synthetic",
+                          help="comma-separated arms: real_only (strong augmentation), "
+                               "real_plus_synthetic, real_no_aug, real_plus_copy_paste "
+                               "(default: real_only,real_plus_synthetic)")
+    evaluate.add_argument("--seg-epochs", type=int, default=1000,
+                          help="segmenter budget in passes over the K cases' slices; the "
+                               "best-validation checkpoint is kept (default 1000)")
+    evaluate.add_argument("--seg-patience", type=int, default=10,
+                          help="stop after this many validations (40 per budget) without gain; 0 = never (default 10)")
+    evaluate.add_argument("--seg-batch-size", type=int, default=8, help="segmenter batch size (default 8)")
+    evaluate.add_argument("--seg-learning-rate", type=float, default=1e-3, help="segmenter Adam learning rate")
+    evaluate.add_argument("--resolution", type=int, default=128,
+                          help="segmenter input side in px (default 128); the backbone's goes in --run-args")
+    evaluate.add_argument("--synthetic-fraction", type=float, default=0.5,
+                          help="share of each segmenter batch drawn from the extra pairs (default 0.5)")
+    _add_common(evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(finetune, what="training cases")
     _add_slicing(finetune)
     _add_training(finetune)
+    _add_mask_generator(finetune)
+    _add_quality(finetune, reference=True, filtering=False)
     _add_model_out(finetune)
     _add_common(finetune)
 
@@ -174,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "unlabeled images; fine-tune from it with --init-model.")
     _add_slicing(pretrain)
     _add_training(pretrain)
+    _add_mask_generator(pretrain)  # accepted like finetune's; without labels nothing is trained
+    _add_quality(pretrain, reference=True, filtering=False)
     _add_model_out(pretrain)
     _add_common(pretrain)
 
@@ -182,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--model", required=True, metavar="DIR", help="model folder")
     _add_inputs(sample, what="cases to generate from")
     _add_sampling(sample)
+    _add_quality(sample, reference=False, filtering=True)
     sample.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_common(sample)
 
@@ -191,17 +359,71 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(run, what="cases")
     _add_slicing(run)
     _add_training(run)
+    _add_mask_generator(run)
     _add_sampling(run)
+    _add_quality(run, reference=True, filtering=True)
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_common(run)
+
+    masks = commands.add_parser("masks", help="draw new lesion masks only (to plan variants)",
+                                description="Draw new lesion masks for each case from a model "
+                                            "folder's mask generator and write them as labels on "
+                                            "the case's grid (mask k uses seed --seed+k: the guide "
+                                            "mask `meddiffft sample` paints with that seed), with "
+                                            "manifest.json.")
+    masks.add_argument("--model", required=True, metavar="DIR", help="model folder (with mask_generator/)")
+    _add_inputs(masks, what="cases")
+    group = masks.add_argument_group("masks")
+    group.add_argument("--n", type=int, default=4, help="masks per case (default 4)")
+    _add_allowed_region(group)
+    masks.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _add_common(masks)
+
+    commands.add_parser("batch", parents=[run], add_help=False,  # exactly run's options
+                        help="fine-tune once, then generate for every case (resumable; splits the "
+                             "cases across `accelerate launch` processes)",
+                        description="Fine-tune once on all the cases (OUT/model), then generate for "
+                                    "each into OUT/cases/NNNN_<name>/ (a run folder). A restart with "
+                                    "the same options skips finished cases; under `accelerate launch "
+                                    "-m MedDiffFTLib.cli batch ...` each process takes its share.")
+
+    export = commands.add_parser("export", help="write real + synthetic pairs as an nnU-Net dataset "
+                                                "or a MONAI datalist",
+                                 description="Collect the pairs of run folders (and real cases) into "
+                                             "a training set another tool reads directly.")
+    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    nnunet = formats.add_parser("nnunet", help="an nnU-Net v2 raw dataset",
+                                description="Write OUT/DatasetXXX_NAME (imagesTr, labelsTr, "
+                                            "dataset.json; label values renumbered 0, 1, 2, ...); "
+                                            "meddiffft_cases.json marks the synthetic cases.")
+    _add_export_sources(nnunet)
+    nnunet.add_argument("--dataset-id", type=int, required=True, metavar="ID",
+                        help="nnU-Net dataset id, 1 to 999")
+    nnunet.add_argument("--name", required=True, help="dataset name (letters, digits, _ and -)")
+    nnunet.add_argument("--out", required=True, metavar="nnUNet_raw",
+                        help="the nnU-Net raw data folder to write the dataset into")
+    _add_common(nnunet)
+    monai = formats.add_parser("monai", help="a MONAI datalist (JSON)",
+                               description="Write a datalist {\"training\": [{\"image\", \"label\", "
+                                           "\"synthetic\"}]} for monai.data.load_decathlon_datalist; "
+                                           "paths are relative to its folder.")
+    _add_export_sources(monai)
+    monai.add_argument("--out", required=True, metavar="DATALIST.JSON", help="datalist file to write")
+    _add_common(monai)
+
+    _add_evaluate(commands)
 
     demo = commands.add_parser("demo", help="run everything on a generated phantom (CPU, minutes)",
                                description="Make an ultrasound-like phantom, fine-tune the compact "
                                            "backbone on it and generate samples; prints the preview.")
     demo.add_argument("--out", default="meddiffft-demo", metavar="DIR",
                       help="output folder (default: ./meddiffft-demo)")
-    demo.add_argument("--train-steps", type=int, default=300, help="optimizer steps (default 300)")
-    demo.add_argument("--samples", type=int, default=4, help="samples (default 4)")
+    demo.add_argument("--train-steps", type=int, default=300,
+                      help="optimizer steps of the backbone, the mask generator and the quality "
+                           "segmenters (default 300)")
+    demo.add_argument("--samples", type=int, default=4, help="samples per phantom (default 4)")
+    demo.add_argument("--qa", default="on", choices=("on", "off"),
+                      help="quality assessment, as for `run` (default on)")
     _add_common(demo)
     return parser
 
@@ -210,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands
 
 
-def _read_inputs(args, *, allow_empty: bool = False) -> list:
-    from .caseio import read_case, read_cases_csv
+def _input_pairs(args) -> list[tuple[str, str | None]]:
+    """(image, label) paths of --image/--label and the --cases CSV."""
+    from .caseio import read_cases_csv
 
     if len(args.image) != len(args.label):
         raise MedDiffFTError(f"Got {len(args.image)} --image and {len(args.label)} --label options; "
@@ -221,8 +444,18 @@ def _read_inputs(args, *, allow_empty: bool = False) -> list:
         pairs += read_cases_csv(args.cases)
     if not pairs:
         raise MedDiffFTError("No cases given: pass --image IMG --label LABEL (repeatable) or --cases CSV.")
-    return [read_case(image, label, segment=args.segment, resample_label=args.resample_label,
-                      allow_empty=allow_empty) for image, label in pairs]
+    return pairs
+
+
+def _read_pair(args, pair: tuple[str, str | None], *, allow_empty: bool = False):
+    from .caseio import read_case
+
+    return read_case(pair[0], pair[1], segment=args.segment, resample_label=args.resample_label,
+                     allow_empty=allow_empty)
+
+
+def _read_inputs(args, *, allow_empty: bool = False) -> list:
+    return [_read_pair(args, pair, allow_empty=allow_empty) for pair in _input_pairs(args)]
 
 
 def _read_unlabeled(args) -> list:
@@ -235,32 +468,26 @@ def _read_unlabeled(args) -> list:
 
 
 def _settings(args):
-    from .finetune import SliceSettings, TrainSettings
+    from .finetune import settings_from_options
 
-    slices = SliceSettings(resolution=args.resolution, axis=str(args.axis), intensity=args.intensity,
-                           roi=args.roi, context=args.context, scale=args.scale)
-    unlabeled_given = bool(args.unlabeled or args.unlabeled_cases)
-    pretrain_steps = args.pretrain_steps if args.pretrain_steps is not None else (
-        args.train_steps if unlabeled_given else 0)
-    for name in ("train_steps", "batch_size", "checkpoint_every", "resolution"):
-        if getattr(args, name) <= 0:
-            raise MedDiffFTError(f"--{name.replace('_', '-')} must be positive.")
-    train = TrainSettings(steps=args.train_steps, minutes=args.train_minutes,
-                          pretrain_steps=pretrain_steps, batch_size=args.batch_size,
-                          learning_rate=args.learning_rate, lesion_weight=args.lesion_weight,
-                          seed=args.seed, checkpoint_every=args.checkpoint_every,
-                          model_size=args.model_size)
-    return slices, train
+    return settings_from_options(vars(args))
 
 
 def _sample_settings(args):
+    from .corrosion import parse_erode
     from .generate import SampleSettings
 
     if args.samples <= 0 or args.sampling_steps <= 0:
         raise MedDiffFTError("--samples and --sampling-steps must be positive.")
+    if args.qa_keep is not None and not (args.qa == "on" and 1 <= args.qa_keep <= args.samples):
+        raise MedDiffFTError(f"--qa-keep {args.qa_keep}: keep 1 to --samples ({args.samples}) samples, "
+                             "with --qa on.")
     return SampleSettings(samples=args.samples, seed=args.seed, sampling_steps=args.sampling_steps,
                           sampler=args.sampler, init=args.init, strength=args.strength,
-                          mask_source=args.mask_source, seam=args.seam, slice_batch=args.slice_batch)
+                          mask_source=args.mask_source, seam=args.seam, slice_batch=args.slice_batch,
+                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt,
+                          erode=parse_erode(args.erode), erode_changed=args.erode_changed,
+                          slice_coherence=args.slice_coherence)
 
 
 def _prepare_model_out(path: Path, args) -> None:
@@ -273,9 +500,42 @@ def _prepare_model_out(path: Path, args) -> None:
     check_output_dir(path, False, what="--model-out")
 
 
+def _quality_stage(args, cases: list, progress: Progress) -> Callable[[Path], tuple[str, dict]]:
+    """Builds the quality reference (real lesion features, calibrated thresholds, fold
+    segmenters) into the model folder; settings are checked now, before training."""
+    from dataclasses import asdict
+
+    from .backbone import resolve_device
+    from .quality import QualitySettings, build_reference
+
+    settings = QualitySettings(percentile=args.qa_percentile, folds=args.qa_folds,
+                               segmenter_steps=args.qa_segmenter_steps,
+                               segmenter_resolution=args.qa_segmenter_resolution, seed=args.seed)
+    slices_card, device = asdict(_settings(args)[0]), resolve_device(args.device)
+    return lambda model_out: ("quality", build_reference(cases, slices_card, settings, model_out=model_out,
+                                                         device=device, progress=progress))
+
+
+def _mask_generator_stage(args, cases: list, progress: Progress) -> Callable[[Path], tuple[str, dict]]:
+    """Trains the mask generator on the cases' lesions into the model folder's mask_generator/."""
+    from .backbone import resolve_device
+    from .mask_generator import FOLDER, MaskTrainSettings, train_mask_generator
+
+    settings = MaskTrainSettings(steps=args.mask_steps, resolution=args.mask_resolution, seed=args.seed)
+    device = resolve_device(args.device)
+    return lambda model_out: (FOLDER, train_mask_generator(cases, model_out / FOLDER, axis=str(args.axis),
+                                                           settings=settings, device=device,
+                                                           progress=progress))
+
+
 def _finetune_stages(args, cases: list, progress: Progress) -> list:
     """The model folder's other parts, trained on the labeled ``cases`` (see finetune_model)."""
-    return []
+    stages = []
+    if args.mask_steps != 0:
+        stages.append(_mask_generator_stage(args, cases, progress))
+    if args.qa == "on":
+        stages.append(_quality_stage(args, cases, progress))
+    return stages
 
 
 def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled: list) -> dict:
@@ -296,15 +556,25 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
     from .backbone import load_model, resolve_device
     from .caseio import read_case
     from .generate import generate_samples
+    from .masks import make_mask_source
     from .outputs import write_json, write_preview, write_samples
 
     settings = _sample_settings(args)
     backgrounds = [read_case(path, None, require_label=False) for path in args.background]
     backbone, card, bank = load_model(model_dir, resolve_device(args.device))
+    mask_source = make_mask_source(settings.mask_source, model_dir=model_dir,
+                                   allowed_region=args.allowed_region, device=resolve_device(args.device))
+    quality = None
+    if args.qa == "on":
+        from .quality import QualityFilter
+
+        quality = QualityFilter.load(model_dir, card, resolve_device(args.device))
     entries, rejected, first_samples = [], [], []
     for case in cases:
         samples, dropped = generate_samples(backbone, card, bank, case, settings=settings,
-                                            progress=progress, backgrounds=backgrounds)
+                                            progress=progress, backgrounds=backgrounds,
+                                            sample_filter=quality, keep_best=args.qa_keep,
+                                            mask_source=mask_source)
         for entry in write_samples(directory, samples, case, start=len(entries)):
             entry.update({"backbone": card["backbone"], "sampling_steps": settings.sampling_steps,
                           "sampler": settings.sampler, "init": settings.init,
@@ -313,7 +583,13 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
             entries.append(entry)
         rejected += dropped
         first_samples = first_samples or samples
+    if not entries:
+        reasons = sorted({str(entry["reason"]).split(":")[0] for entry in rejected})
+        raise MedDiffFTError(f"No sample was kept: all {len(rejected)} were rejected ({'; '.join(reasons)}). "
+                             "Train longer, ask for more --samples, or relax the option named above "
+                             "(--qa off skips quality assessment).")
     write_json(directory / "manifest.json", {"samples": entries, "rejected": rejected,
+                                             "qa": quality.summary(entries, rejected, args.qa_keep) if quality else None,
                                              "model": {"path": str(recorded_model), **card}})
     write_preview(directory / "preview.png", cases[0], first_samples, card["slices"]["axis"])
     return {"samples": len(entries), "preview": str(directory / "preview.png")}
@@ -371,6 +647,62 @@ def command_run(args, progress: Progress) -> dict:
     return {"out": str(out), "model": str(out / "model"), **result, "preview": str(out / "preview.png")}
 
 
+def command_batch(args, progress: Progress) -> dict:
+    from .backbone import resolve_device
+    from .batch import run_batch
+
+    pairs = _input_pairs(args)
+    unlabeled = _read_unlabeled(args)
+    _sample_settings(args)
+    out = Path(args.out)
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("image", "label", "cases", "out", "overwrite", "progress", "cancel_file", "device")}
+
+    def finetune(model_dir: Path, cases: list) -> None:
+        _finetune(args, progress, model_dir, cases, unlabeled)
+
+    def generate(directory: Path, model_dir: Path, case) -> None:
+        _sample_into(directory, model_dir, [case], args, progress, model_dir)
+
+    last_run = run_batch(pairs, out, options=options, overwrite=args.overwrite,
+                         cpu=resolve_device(args.device).type == "cpu", progress=progress,
+                         read=lambda pair: _read_pair(args, pair), finetune=finetune, generate=generate)
+    return {"out": str(out), "model": str(out / "model"), "cases": len(pairs),
+            "generated": len(last_run["generated"]), "skipped": len(last_run["skipped"])}
+
+
+def command_masks(args, progress: Progress) -> dict:
+    import numpy as np
+
+    from .backbone import read_model_card, resolve_device
+    from .caseio import output_suffix, write_array
+    from .masks import make_mask_source
+    from .outputs import staged_dir, write_json
+    from .slicing import choose_axis
+
+    card = read_model_card(args.model)
+    if args.n <= 0:
+        raise MedDiffFTError("--n must be positive.")
+    cases = _read_inputs(args)
+    source = make_mask_source("generator", model_dir=args.model, allowed_region=args.allowed_region,
+                              device=resolve_device(args.device))
+    out = Path(args.out)
+    entries = []
+    with staged_dir(out, args.overwrite) as tmp, progress.stage("masks", args.n * len(cases)) as advance:
+        for case in cases:
+            axis = choose_axis(case.spacing, card["slices"]["axis"], case.is_2d)
+            for k in range(args.n):
+                proposal = source.propose(case.label, case.foreground, axis,
+                                          np.random.default_rng(args.seed + k), case)
+                name = f"mask_{len(entries) + 1:03d}{output_suffix(case, is_label=True)}"
+                write_array(case, proposal.label, tmp / name, is_label=True)
+                entries.append({"label": name, "seed": args.seed + k, "source_image": case.image_path,
+                                "source_label": case.label_path, "axis": axis, **proposal.details})
+                advance(1)
+        write_json(tmp / "manifest.json", {"masks": entries, "model": str(Path(args.model))})
+    return {"out": str(out), "model": str(Path(args.model)), "masks": len(entries)}
+
+
 def command_demo(args, progress: Progress) -> dict:
     from PIL import Image
 
@@ -387,7 +719,8 @@ def command_demo(args, progress: Progress) -> dict:
                      f"phantom (no real data), written to {phantom_dir}.")
     argv = ["run", "--out", str(out / "run"), "--train-steps", str(args.train_steps),
             "--samples", str(args.samples), "--seed", str(args.seed), "--device", args.device,
-            "--mask-source", "jitter"]
+            "--qa", args.qa, "--mask-steps", str(args.train_steps),
+            "--qa-segmenter-steps", str(args.train_steps)]  # one budget
     for index in range(4):
         image, mask = ultrasound_phantom(seed=args.seed + index)
         Image.fromarray(image).save(phantom_dir / f"phantom_{index}.png")
@@ -399,8 +732,49 @@ def command_demo(args, progress: Progress) -> dict:
     return {**result, "phantom": str(phantom_dir)}
 
 
+def command_export(args, progress: Progress) -> dict:
+    from .export import gather_cases, write_monai_datalist, write_nnunet_dataset
+
+    cases = gather_cases(args.runs, args.real)
+    if args.format == "nnunet":
+        out = write_nnunet_dataset(cases, raw_dir=Path(args.out), dataset_id=args.dataset_id,
+                                   name=args.name, overwrite=args.overwrite, progress=progress)
+    else:
+        out = write_monai_datalist(cases, out=Path(args.out), overwrite=args.overwrite)
+    synthetic = sum(case.synthetic for case in cases)
+    return {"out": str(out), "cases": len(cases), "synthetic": synthetic, "real": len(cases) - synthetic}
+
+
+def command_evaluate(args, progress: Progress) -> dict:
+    import shlex
+
+    from .evaluate import EvaluateSettings, evaluate
+    from .segmenter import SegmenterSettings
+
+    run_args = shlex.split(args.run_args)
+    for option, value in (("--backbone", args.backbone), ("--base-model", args.base_model),
+                          ("--train-steps", args.train_steps)):
+        if value is not None:
+            run_args += [option, str(value)]
+    segmenter = SegmenterSettings(resolution=args.resolution, batch_size=args.seg_batch_size,
+                                  learning_rate=args.seg_learning_rate, patience=args.seg_patience,
+                                  synthetic_fraction=args.synthetic_fraction)
+    settings = EvaluateSettings(k=args.k, synthetic_per_real=args.synthetic_per_real, seeds=args.seeds,
+                                first_seed=args.seed, validation_cases=args.validation_cases,
+                                unlabeled_pool=args.unlabeled_pool == "on",
+                                arms=[arm.strip() for arm in args.arms.split(",") if arm.strip()],
+                                seg_epochs=args.seg_epochs, segmenter=segmenter, run_args=run_args,
+                                device=args.device)
+    out = Path(args.out)
+    report = evaluate(args.train, args.test, out, settings, progress=progress, overwrite=args.overwrite)
+    return {"out": str(out), "report": str(out / "report.json"),
+            "delta_dice_mean": report.get("delta_dice_mean"), "paired_p_value": report.get("paired_p_value")}
+
+
 COMMANDS: dict[str, Callable] = {"finetune": command_finetune, "pretrain": command_pretrain,
-                                 "sample": command_sample, "run": command_run, "demo": command_demo}
+                                 "sample": command_sample, "run": command_run, "demo": command_demo,
+                                 "export": command_export, "evaluate": command_evaluate,
+                                 "batch": command_batch, "masks": command_masks}
 
 
 def _dispatch(args, progress: Progress) -> dict:

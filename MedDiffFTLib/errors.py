@@ -7,3 +7,7 @@ class MedDiffFTError(ValueError):
 
 class Cancelled(MedDiffFTError):
     """The user cancelled the run; nothing was written."""
+
+
+class PlacementError(MedDiffFTError):
+    """No new lesion could be placed for one sample; the sample is rejected, the run goes on."""

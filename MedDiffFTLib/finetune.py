@@ -2,7 +2,9 @@
 
 Every batch is a pure function of (seed, step, data), so a run resumed from a checkpoint ends with
 exactly the weights of an uninterrupted run. Checkpoints (weights, optimizer, EMA) are
-safetensors + JSON: nothing is unpickled.
+safetensors + JSON: nothing is unpickled. Under ``accelerate launch`` each process draws its own
+batches and the gradients are averaged across processes (data parallel); only the main process
+writes checkpoints and the model folder.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from .compact import CompactBackbone
 from .errors import MedDiffFTError
 from .masks import dilate, random_blob
 from .progress import Progress
+from .sd_inpaint import REFERENCE_SD, SDInpaintBackbone, SDSettings
 from .slicing import Window, choose_axis, fit_intensity, slice_stack, to_channels, window_around
 
 UNKNOWN_LESION = 0.5  # lesion channel value for unlabeled data
+POOL_KEY = 2**31 - 1  # seeds the fixed window pool apart from the per-step draws
 
 
 @dataclass
@@ -48,7 +52,10 @@ class SliceSettings:
 
 @dataclass
 class TrainSettings:
-    """The fine-tuning recipe. ``minutes`` (when set) stops training early at a time budget."""
+    """The fine-tuning recipe. ``minutes`` (when set) stops training early at a time budget.
+    ``latent_pool`` > 0 trains on a fixed pool of that many drawn windows (so a backbone's
+    ``encode_batch`` runs once per window when ``cache_latents``); 0 draws fresh windows every
+    step. ``ema_decay`` 0 keeps no EMA; ``sd`` holds the sd-inpaint backbone's settings."""
 
     steps: int = 600
     minutes: float | None = None
@@ -62,6 +69,88 @@ class TrainSettings:
     checkpoint_every: int = 200
     model_size: str = "small"
     curriculum: tuple[float, float, float] = field(default=(0.6, 0.25, 0.15))
+    backbone: str = "compact"
+    recipe: str = "default"
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    latent_pool: int = 0
+    cache_latents: bool = True
+    sd: SDSettings | None = None
+
+
+# Per backbone and recipe: defaults of the options a user may still set explicitly. The
+# reference recipe is the reference code's (method.md section 2): full UNet, lr 3e-6 constant,
+# AdamW (0.9, 0.999, wd 1e-2, eps 1e-8), clip 1.0, batch 1 x accumulation 2, 500 steps, 512 px,
+# fp32, exact masks, plain MSE over the whole latent, no EMA.
+RECIPES = {
+    ("compact", "default"): {},
+    ("sd-inpaint", "default"): dict(resolution=512, batch_size=2, learning_rate=1e-4, warmup_steps=20,
+                                    ema_decay=0.0, weight_decay=1e-2, latent_pool=64),
+    ("sd-inpaint", "reference"): dict(resolution=512, train_steps=500, batch_size=1, grad_accum=2,
+                                      learning_rate=3e-6, warmup_steps=0, lesion_weight=0.0, ema_decay=0.0,
+                                      weight_decay=1e-2, latent_pool=0, curriculum=(1.0, 0.0, 0.0),
+                                      **REFERENCE_SD),
+}
+OPTION_DEFAULTS = dict(resolution=64, train_steps=600, batch_size=8, learning_rate=2e-4, lesion_weight=2.0,
+                       grad_accum=1, latent_pool=0)
+
+
+def recipe_defaults(backbone: str, recipe: str | None) -> dict:
+    """Defaults of the training options (CLI names with underscores) for a backbone and recipe."""
+    if (backbone, recipe or "default") not in RECIPES:
+        raise MedDiffFTError(f"--recipe {recipe} is for the sd-inpaint backbone (the reference code's "
+                             "Stable Diffusion recipe): add --backbone sd-inpaint --base-model DIR.")
+    return {**OPTION_DEFAULTS, **RECIPES[backbone, recipe or "default"]}
+
+
+def settings_from_options(options: dict) -> tuple[SliceSettings, TrainSettings]:
+    """Slice and training settings from CLI options (``vars(args)``): an option left unset (None)
+    takes the backbone's and recipe's default."""
+    backbone, recipe = options.get("backbone", "compact"), options.get("recipe") or "default"
+    preset = recipe_defaults(backbone, recipe)
+
+    def value(name: str):
+        given = options.get(name)
+        return preset.get(name, getattr(TrainSettings, name, None)) if given is None else given
+
+    slices = SliceSettings(resolution=value("resolution"), axis=str(options["axis"]),
+                           intensity=options["intensity"], roi=options["roi"],
+                           context=options["context"], scale=options["scale"])
+    unlabeled_given = bool(options.get("unlabeled") or options.get("unlabeled_cases"))
+    pretrain_steps = options["pretrain_steps"] if options.get("pretrain_steps") is not None else (
+        value("train_steps") if unlabeled_given else 0)
+    for name in ("train_steps", "batch_size", "checkpoint_every", "resolution", "grad_accum"):
+        if value(name) <= 0:
+            raise MedDiffFTError(f"--{name.replace('_', '-')} must be positive.")
+    sd = None
+    if backbone == "sd-inpaint":
+        if options.get("init_model") is not None:
+            raise MedDiffFTError("--init-model is for the compact backbone; sd-inpaint starts from --base-model.")
+        fields = {name: preset.get(name, getattr(SDSettings, name)) for name in SDSettings.__dataclass_fields__
+                  if name != "lora_targets"}
+        for name in ("finetune", "lora_rank", "precision", "gradient_checkpointing", "attention",
+                     "prompt", "heal_prompt", "negative_prompt"):
+            if options.get(name) is not None:
+                fields[name] = options[name]
+        if recipe == "reference" and options.get("prompt") is not None:
+            fields["heal_prompt"] = options["prompt"]  # the reference recipe has one prompt
+        fields["lora_alpha"] = float(options.get("lora_alpha") or fields["lora_rank"])  # default: alpha = rank
+        targets = options.get("lora_targets")
+        fields["lora_targets"] = tuple(targets.split(",")) if targets else SDSettings.lora_targets
+        fields["base_model"] = options.get("base_model") or ""
+        sd = SDSettings(**fields)
+    train = TrainSettings(steps=value("train_steps"), minutes=options.get("train_minutes"),
+                          pretrain_steps=pretrain_steps, batch_size=value("batch_size"),
+                          learning_rate=value("learning_rate"), warmup_steps=value("warmup_steps"),
+                          lesion_weight=value("lesion_weight"), ema_decay=value("ema_decay"),
+                          seed=options["seed"], checkpoint_every=options["checkpoint_every"],
+                          model_size=options.get("model_size", "small"), curriculum=value("curriculum"),
+                          backbone=backbone, recipe=recipe, grad_accum=value("grad_accum"),
+                          weight_decay=value("weight_decay"), optimizer=options.get("optimizer") or "adamw",
+                          latent_pool=value("latent_pool"),
+                          cache_latents=not options.get("no_latent_cache", False), sd=sd)
+    return slices, train
 
 
 @dataclass
@@ -213,7 +302,7 @@ class TrainingWindows:
 
 
 def _save_checkpoint(directory: Path, step: int, backbone: Backbone, optimizer: torch.optim.Optimizer,
-                     ema: EMAModel, fingerprint: str) -> None:
+                     ema: EMAModel | None, fingerprint: str) -> None:
     final = directory / f"step-{step:07d}"
     tmp = directory / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -222,7 +311,7 @@ def _save_checkpoint(directory: Path, step: int, backbone: Backbone, optimizer: 
     opt_state = optimizer.state_dict()
     tensors = {f"state.{index}.{name}": value.detach().clone().contiguous()
                for index, entries in opt_state["state"].items() for name, value in entries.items()}
-    ema_state = ema.state_dict()
+    ema_state = ema.state_dict() if ema is not None else {"shadow_params": []}
     tensors.update({f"ema.{i}": p.detach().clone().contiguous()
                     for i, p in enumerate(ema_state.pop("shadow_params"))})
     save_file(tensors, str(tmp / "training.safetensors"))
@@ -236,7 +325,7 @@ def _save_checkpoint(directory: Path, step: int, backbone: Backbone, optimizer: 
 
 
 def _load_checkpoint(directory: Path, backbone: Backbone, optimizer: torch.optim.Optimizer,
-                     ema: EMAModel, fingerprint: str) -> int:
+                     ema: EMAModel | None, fingerprint: str) -> int:
     found = sorted(directory.glob("step-*"))
     if not found:
         return 0
@@ -253,24 +342,85 @@ def _load_checkpoint(directory: Path, backbone: Backbone, optimizer: torch.optim
         if kind == "state":
             opt_state["state"].setdefault(int(index), {})[".".join(name)] = value
     optimizer.load_state_dict(opt_state)
-    ema_state = dict(state["ema"])
-    ema_state["shadow_params"] = [tensors[f"ema.{i}"] for i in range(len(list(ema.shadow_params)))]
-    ema.load_state_dict(ema_state)
+    if ema is not None:
+        ema_state = dict(state["ema"])
+        ema_state["shadow_params"] = [tensors[f"ema.{i}"] for i in range(len(list(ema.shadow_params)))]
+        ema.load_state_dict(ema_state)
     return int(state["step"])
 
 
+def distributed_state(device: torch.device):
+    """accelerate's process state under ``accelerate launch`` with several processes, else None
+    (a single process runs exactly as without accelerate). CPU processes talk through gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=device.type == "cpu")
+
+
+def _optimizer(params: list, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw-8bit":
+        try:
+            import bitsandbytes
+        except ImportError as exc:
+            raise MedDiffFTError("--optimizer adamw-8bit needs the bitsandbytes package (CUDA GPUs): "
+                                 "pip install bitsandbytes, or use --optimizer adamw.") from exc
+        return bitsandbytes.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    raise MedDiffFTError(f"--optimizer {settings.optimizer}: use adamw or adamw-8bit.")
+
+
+class WindowPool:
+    """A fixed pool of single-window batches drawn once from the seed; with ``cached`` the
+    backbone's ``encode_batch`` output (e.g. VAE latents) is computed once per window, else at
+    every use. Either way a step's batch is the same function of (seed, step)."""
+
+    def __init__(self, backbone: Backbone, windows: "TrainingWindows", settings: TrainSettings,
+                 device: torch.device, progress: Progress) -> None:
+        self.backbone, self.cached = backbone, settings.cache_latents
+        self.lesion_weight = torch.tensor(settings.lesion_weight)
+        self.items = []
+        with progress.stage("cache latents" if self.cached else "draw windows", settings.latent_pool) as advance:
+            for index in range(settings.latent_pool):
+                item = windows.batch(np.random.default_rng([settings.seed, POOL_KEY, index]), 1, 0.0)
+                item = {k: v.to(device) for k, v in item.items() if k != "lesion_weight"}
+                self.items.append({**item, **backbone.encode_batch(item)} if self.cached else item)
+                advance(1)
+
+    def batch(self, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
+        picks = [self.items[i] for i in rng.integers(len(self.items), size=batch_size)]
+        if not self.cached:
+            picks = [{**item, **self.backbone.encode_batch(item)} for item in picks]
+        return {**{k: torch.cat([item[k] for item in picks]) for k in picks[0]},
+                "lesion_weight": self.lesion_weight}
+
+
+def _draw_seeds(settings: TrainSettings, step: int, part: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Seeds of micro-batch ``part`` (accumulation step and process) of ``step``; part 0 keeps
+    the keys of a single-process run without accumulation."""
+    extra = [part] if part else []
+    return (np.random.default_rng([settings.seed, step, *extra]),
+            torch.Generator().manual_seed(settings.seed * 1_000_003 + step + 1_000_000_007 * part))
+
+
 def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings, *,
-          device: torch.device, checkpoint_dir: Path | None, progress: Progress) -> dict:
-    """Train ``backbone`` in place (EMA weights at the end); returns training statistics."""
+          device: torch.device, checkpoint_dir: Path | None, progress: Progress,
+          write_checkpoints: bool = True) -> dict:
+    """Train ``backbone`` in place (EMA weights at the end, when kept); returns statistics."""
     params = [p for p in backbone.trainable_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    ema = EMAModel(params, decay=settings.ema_decay, use_ema_warmup=True, power=0.75)
+    optimizer = _optimizer(params, settings)
+    ema = EMAModel(params, decay=settings.ema_decay, use_ema_warmup=True, power=0.75) if settings.ema_decay else None
     fingerprint = hashlib.sha256(json.dumps(
         [windows.data_hash, asdict(settings) | {"minutes": None}, asdict(windows.slices)],
         sort_keys=True).encode()).hexdigest()
+    dist = distributed_state(device)
+    rank = dist.process_index if dist is not None else 0
     start = 0
     if checkpoint_dir is not None:
         start = _load_checkpoint(checkpoint_dir, backbone, optimizer, ema, fingerprint)
+    pool = WindowPool(backbone, windows, settings, device, progress) if settings.latent_pool else None
     total = settings.pretrain_steps + settings.steps
     started = time.monotonic()
     losses: list[float] = []
@@ -281,28 +431,55 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
         for step in range(start, total):
             if settings.minutes is not None and time.monotonic() - started > settings.minutes * 60:
                 break
-            rng = np.random.default_rng([settings.seed, step])
-            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-            batch = windows.batch(rng, settings.batch_size, settings.lesion_weight,
-                                  pretrain=step < settings.pretrain_steps)
-            batch = {k: v.to(device) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = settings.learning_rate * min(1.0, (step + 1) / max(1, settings.warmup_steps))
-            loss = backbone.training_loss(batch, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = 0.0
+            for micro in range(settings.grad_accum):
+                rng, generator = _draw_seeds(settings, step, micro + settings.grad_accum * rank)
+                pretrain = step < settings.pretrain_steps
+                if pool is not None and not pretrain:
+                    batch = pool.batch(rng, settings.batch_size)
+                else:
+                    batch = windows.batch(rng, settings.batch_size, settings.lesion_weight, pretrain=pretrain)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = backbone.training_loss(batch, generator) / settings.grad_accum
+                loss.backward()
+                step_loss += float(loss.detach())
+            if dist is not None:
+                from accelerate.utils import reduce
+
+                grads = reduce([p.grad for p in params], reduction="mean")
+                for p, grad in zip(params, grads):
+                    p.grad = grad
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            ema.step(params)
-            losses.append(float(loss.detach()))
-            if checkpoint_dir is not None and (step + 1) % settings.checkpoint_every == 0:
+            if ema is not None:
+                ema.step(params)
+            losses.append(step_loss)
+            if (checkpoint_dir is not None and write_checkpoints
+                    and (step + 1) % settings.checkpoint_every == 0):
                 _save_checkpoint(checkpoint_dir, step + 1, backbone, optimizer, ema, fingerprint)
             advance(1)
         else:
             step = total
-    ema.copy_to(params)
+    if ema is not None:
+        ema.copy_to(params)
     return {"steps_done": step, "seconds": round(time.monotonic() - started, 2),
-            "final_loss": float(np.mean(losses[-20:])) if losses else None, "losses": losses}
+            "final_loss": float(np.mean(losses[-20:])) if losses else None, "losses": losses,
+            "processes": dist.num_processes if dist is not None else 1}
+
+
+def make_backbone(settings: TrainSettings, slices: SliceSettings, channels: int,
+                  device: torch.device) -> Backbone:
+    """A fresh backbone of ``settings.backbone`` kind, on ``device``."""
+    if settings.backbone == "sd-inpaint":
+        return SDInpaintBackbone.create(settings.sd, resolution=slices.resolution, channels=channels,
+                                        device=device)
+    if settings.backbone != "compact":
+        raise MedDiffFTError(f"--backbone {settings.backbone}: use compact or sd-inpaint.")
+    return CompactBackbone.create(resolution=slices.resolution, channels=channels,
+                                  size=settings.model_size).to(device)
 
 
 def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
@@ -310,13 +487,19 @@ def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
                    unlabeled: list[Case] = (), init_model: str | None = None,
                    keep_checkpoints: bool = False,
                    extra_stages: Sequence[Callable[[Path], tuple[str, dict]]] = ()) -> dict:
-    """Fine-tune a compact backbone on ``cases`` and write a model folder to ``model_out``.
+    """Fine-tune a backbone (``settings.backbone``) on ``cases`` and write a model folder to
+    ``model_out``.
 
     Checkpoints go to ``model_out/checkpoints`` (resumed from when present). ``extra_stages`` train
     the other parts of a model folder (mask generator, quality reference): each writes into the
     folder and returns (model card key, card entry). The model card is written last. Returns it.
+    Under ``accelerate launch`` only the main process writes; the others return the card unwritten.
     """
     torch.manual_seed(settings.seed)
+    dist = distributed_state(device)
+    if dist is not None:
+        device = dist.device
+    is_main = dist is None or dist.is_main_process
     windows = TrainingWindows(list(cases), list(unlabeled), slices, settings.curriculum)
     if init_model is not None:
         backbone, init_card, _ = load_model(init_model, device)
@@ -325,14 +508,16 @@ def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
                                  f"{backbone.channels} channel(s); these cases need "
                                  f"{slices.resolution} px with {windows.channels}: pass --resolution "
                                  f"{init_card['resolution']} or pretrain a matching model.")
+        backbone.to(device)
     else:
-        backbone = CompactBackbone.create(resolution=slices.resolution, channels=windows.channels,
-                                          size=settings.model_size)
-    backbone.to(device)
+        backbone = make_backbone(settings, slices, windows.channels, device)
     checkpoint_dir = model_out / "checkpoints"
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if dist is not None:
+        dist.wait_for_everyone()  # every process has checked the output folder before it is created
+    if is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     stats = train(backbone, windows, settings, device=device, checkpoint_dir=checkpoint_dir,
-                  progress=progress)
+                  progress=progress, write_checkpoints=is_main)
     card = {
         "slices": asdict(slices),
         "training": {**asdict(settings), **{k: v for k, v in stats.items() if k != "losses"},
@@ -343,6 +528,11 @@ def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
         "channels": windows.channels,
         "parameters": sum(p.numel() for p in backbone.trainable_parameters()),
     }
+    if backbone.describe():
+        card["backbone_settings"] = backbone.describe()
+    if not is_main:
+        dist.wait_for_everyone()
+        return card
     for stage in extra_stages:
         key, entry = stage(model_out)
         card[key] = entry
@@ -350,4 +540,6 @@ def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
     (model_out / "training_loss.json").write_text(json.dumps(stats["losses"]))
     if not keep_checkpoints:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if dist is not None:
+        dist.wait_for_everyone()
     return card

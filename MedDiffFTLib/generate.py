@@ -9,6 +9,7 @@ the old one, the old lesion's place is regenerated as tissue (healed) in the sam
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,20 +20,30 @@ from scipy import ndimage
 
 from .backbone import Backbone, InpaintRequest
 from .caseio import Case, cast_like
-from .errors import MedDiffFTError
-from .masks import dilate, make_mask_source, place_label
+from .corrosion import erode_label
+from .errors import MedDiffFTError, PlacementError
+from .masks import MaskSource, dilate, make_mask_source, place_label
 from .progress import Progress
 from .slicing import bounding_box, choose_axis, fit_intensity, slice_stack, to_channels, window_around
 
 MAX_SEAM = 8
+SLICE_COHERENCE = {  # bench/coherence.py measures them (a shared noise seed made slices near-copies)
+    "independent": "each slice in its own window",
+    "propagate": "one window around the lesion on all slices; the centre slice first, then outwards, "
+                 "each slice starting from its generated neighbour noised to --strength",
+}
 
 
 @dataclass
 class SampleSettings:
     """Sampling options (CLI names in brackets): samples [--samples], first seed [--seed; sample k
     uses seed+k], solver steps [--sampling-steps], sampler [--sampler], start [--init noise |
-    transplant] and its [--strength], mask source [--mask-source / --jitter], seam width in native
-    px [--seam, at most 8], slices per forward pass [--slice-batch]."""
+    transplant] and its [--strength], mask source [--mask-source / --jitter; the CLI's default,
+    generator, needs the model folder: pass its source to generate_samples], label erosion
+    [--erode auto|0|PX, --erode-changed], seam width in native
+    px [--seam, at most 8], slices per forward pass [--slice-batch], how the slices of a volume
+    hang together [--slice-coherence, see SLICE_COHERENCE]; text-conditioned backbones:
+    [--guidance-scale] and [--negative-prompt] (None: the model's own)."""
 
     samples: int = 4
     seed: int = 0
@@ -41,8 +52,13 @@ class SampleSettings:
     init: str = "noise"
     strength: float = 0.7
     mask_source: str = "label"
+    erode: str = "auto"
+    erode_changed: bool = False
     seam: int = 3
     slice_batch: int = 16
+    slice_coherence: str = "propagate"
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass
@@ -52,6 +68,7 @@ class Sample:
     image: np.ndarray
     label: np.ndarray
     foreground: np.ndarray
+    guide: np.ndarray
     regenerated: np.ndarray
     background: Case
     seed: int
@@ -95,16 +112,36 @@ def _transplant(background: torch.Tensor, region: torch.Tensor, lesion: torch.Te
     return torch.where(lesion > 0, placed, start)
 
 
+def _work_order(settings: SampleSettings, windows: list) -> tuple[list[list[int]], dict[int, int]]:
+    """Positions (in the list of slices to generate) that run together, in order, and for
+    ``propagate`` the already generated neighbour each position starts from: the central slice
+    first, then one slice further out on each side per pass."""
+    count = len(windows)
+    if settings.slice_coherence == "propagate" and count:
+        centre = count // 2
+        waves = [[centre]] + [[p for p in (centre + k, centre - k) if 0 <= p < count]
+                              for k in range(1, max(centre, count - 1 - centre) + 1)]
+        return waves, {p: p - 1 if p > centre else p + 1 for p in range(count) if p != centre}
+    groups: dict[int, list[int]] = {}  # slices whose windows share a model-space size run together
+    for i, window in enumerate(windows):
+        groups.setdefault(window.resolution, []).append(i)
+    return [ids[k:k + settings.slice_batch] for ids in groups.values()
+            for k in range(0, len(ids), settings.slice_batch)], {}
+
+
 def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, background: Case,
-                    settings: SampleSettings, index: int, advance) -> Sample:
-    """Make sample ``index`` (seed ``settings.seed + index``) of ``case`` on ``background``."""
+                    settings: SampleSettings, index: int, check_cancel: Callable[[], None],
+                    mask_source: MaskSource | None = None) -> Sample:
+    """Make sample ``index`` (seed ``settings.seed + index``) of ``case`` on ``background``;
+    ``check_cancel`` runs after every forward batch."""
     started = time.monotonic()
     seed = settings.seed + index
     rng = np.random.default_rng(seed)
     slices_cfg = card["slices"]
     axis = choose_axis(background.spacing, slices_cfg["axis"], background.is_2d)
     label, foreground = place_label(case.label, case.foreground, background.foreground.shape)
-    proposal = make_mask_source(settings.mask_source).propose(label, foreground, axis, rng)
+    source = mask_source or make_mask_source(settings.mask_source)
+    proposal = source.propose(label, foreground, axis, rng, background)
     old = background.foreground  # the background's own lesion (if any) is healed where not repainted
     new_stack = slice_stack(proposal.foreground, axis)
     old_stack = slice_stack(old, axis)
@@ -121,14 +158,14 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         region = new_stack[s] | old_stack[s]  # the old lesion's edge is blended by the seam
         if region.any():
             todo.append((s, region))
-    windows = [window_around(region, backbone.resolution, roi=slices_cfg["roi"],
+    shared = settings.slice_coherence == "propagate"  # one window for all slices
+    window_masks = [np.any([region for _, region in todo], axis=0)] * len(todo) if shared and todo \
+        else [region for _, region in todo]
+    windows = [window_around(mask, backbone.resolution, roi=slices_cfg["roi"],
                              context=slices_cfg["context"], scale=slices_cfg["scale"])
-               for _, region in todo]
-    groups: dict[int, list[int]] = {}  # slices whose windows share a model-space size run together
-    for i, window in enumerate(windows):
-        groups.setdefault(window.resolution, []).append(i)
-    chunks = [ids[k:k + settings.slice_batch] for ids in groups.values()
-              for k in range(0, len(ids), settings.slice_batch)]
+               for mask in window_masks]
+    chunks, neighbour = _work_order(settings, windows)
+    generated_at: dict[int, torch.Tensor] = {}
     for chunk_ids in chunks:
         chunk = [todo[i] for i in chunk_ids]
         chunk_windows = [windows[i] for i in chunk_ids]
@@ -137,12 +174,18 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         lesion_t = torch.stack([w.extract(new_stack[s], is_mask=True)
                                 for w, (s, _) in zip(chunk_windows, chunk)])
         init = None
-        if settings.init == "transplant":
+        if chunk_ids[0] in neighbour:  # start from the generated neighbour, noised to --strength
+            previous = torch.stack([generated_at[neighbour[i]] for i in chunk_ids]).to(bg.device)
+            init = torch.where(region_t > 0, previous, bg)
+        elif settings.init == "transplant":
             init = torch.stack([_transplant(b, r, l, bank, pick) for b, r, l in zip(bg, region_t, lesion_t)])
         generators = [torch.Generator().manual_seed(seed * 100_003 + s) for s, _ in chunk]
         request = InpaintRequest(bg, region_t, lesion_t, generators, init=init,
-                                 strength=settings.strength if init is not None else 1.0)
+                                 strength=settings.strength if init is not None else 1.0,
+                                 negative_prompt=settings.negative_prompt,
+                                 guidance_scale=settings.guidance_scale)
         result = backbone.inpaint(request, sampler=settings.sampler, num_steps=settings.sampling_steps)
+        generated_at.update(zip(chunk_ids, result))
         for window, (s, region), generated in zip(chunk_windows, chunk, result):
             native = intensity.inverse(window.to_native(generated))
             if native.ndim == 2 and background.channels > 1:  # grey model, colour-stored image
@@ -156,43 +199,67 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
             plane = out_stack[s][rows, cols]
             out_stack[s][rows, cols] = np.where(weights > 0, cast_like(blended, background), plane)
             regen_stack[s] = region
-        advance(len(chunk))
-    return Sample(image=out_image, label=proposal.label, foreground=proposal.foreground,
+        check_cancel()
+    changed = None
+    if settings.erode_changed:
+        changed = out_image != background.image
+        changed = changed.any(axis=-1) if changed.ndim > proposal.foreground.ndim else changed
+    out_label, out_foreground, erosion = erode_label(proposal.label, proposal.foreground, axis,
+                                                     settings.erode, changed=changed)
+    return Sample(image=out_image, label=out_label, foreground=out_foreground, guide=proposal.foreground,
                   regenerated=regenerated, background=background, seed=seed,
                   slices=[int(s) for s, _ in todo], seconds=round(time.monotonic() - started, 3),
-                  details={"axis": axis, "mask_source": settings.mask_source, **proposal.details})
-
-
-def count_slices(case: Case, card: dict) -> int:
-    """Slices holding the case's lesion (an estimate of the work per sample, for progress)."""
-    axis = choose_axis(case.spacing, card["slices"]["axis"], case.is_2d)
-    stack = slice_stack(case.foreground, axis)
-    return int(stack.reshape(len(stack), -1).any(axis=1).sum())
+                  details={"axis": axis, "mask_source": settings.mask_source, **proposal.details,
+                           "erode": erosion})
 
 
 def generate_samples(backbone: Backbone, card: dict, bank: dict, case: Case, *,
                      settings: SampleSettings, progress: Progress, backgrounds: list[Case] = (),
-                     sample_filter: SampleFilter | None = None) -> tuple[list[Sample], list[dict]]:
-    """All samples for one case; returns (kept samples, rejected entries with reasons)."""
+                     sample_filter: SampleFilter | None = None,
+                     keep_best: int | None = None, mask_source: MaskSource | None = None) -> tuple[list[Sample], list[dict]]:
+    """All samples for one case; returns (kept samples, rejected entries with reasons). With
+    ``keep_best`` N, only the N passing samples with the best overall score (``details["qa"]
+    ["overall"]``) are kept; the other passing ones are rejected as not among the best."""
     if not 0 <= settings.seam <= MAX_SEAM:
         raise MedDiffFTError(f"--seam {settings.seam}: use 0 to {MAX_SEAM} px.")
     if settings.init not in ("noise", "transplant"):
         raise MedDiffFTError(f"--init {settings.init}: use noise or transplant.")
+    if settings.slice_coherence not in SLICE_COHERENCE:
+        raise MedDiffFTError(f"--slice-coherence {settings.slice_coherence}: use "
+                             f"{', '.join(SLICE_COHERENCE)}.")
     if settings.init == "transplant" and not bank:
         raise MedDiffFTError("--init transplant needs real lesions (lesion_bank.safetensors), which a "
                              "model pretrained without labels lacks: fine-tune it on labeled cases.")
     backgrounds = list(backgrounds) or [case]
+    mask_source = mask_source or make_mask_source(settings.mask_source)
     kept, rejected = [], []
-    per_sample = max(1, count_slices(case, card))
-    with progress.stage("sample", settings.samples * per_sample) as advance:
+    # counted in samples: a sample's slice count is known only once its new lesion is drawn
+    with progress.stage("sample", settings.samples) as advance:
         for index in range(settings.samples):
-            sample = generate_sample(backbone, card, bank, case, backgrounds[index % len(backgrounds)],
-                                     settings, index, advance)
+            try:
+                sample = generate_sample(backbone, card, bank, case, backgrounds[index % len(backgrounds)],
+                                         settings, index, progress.check_cancel, mask_source)
+            except PlacementError as exc:
+                sample = None
+                rejected.append({"seed": settings.seed + index, "source_image": case.image_path,
+                                 "reason": str(exc)})
+            advance(1)
+            if sample is None:
+                continue
             if sample_filter is not None:
                 keep, scores = sample_filter.assess(sample, case)
                 sample.details["qa"] = scores
                 if not keep:
-                    rejected.append({"seed": sample.seed, "reason": scores.get("reason"), "qa": scores})
+                    rejected.append({"seed": sample.seed, "source_image": case.image_path,
+                                     "reason": scores.get("reason"), "qa": scores})
                     continue
             kept.append(sample)
+    if keep_best is not None and len(kept) > keep_best:
+        ranked = sorted(kept, key=lambda s: (-s.details["qa"]["overall"], s.seed))
+        rejected += [{"seed": s.seed, "source_image": case.image_path,
+                      "reason": f"not among the best: passed, but the {keep_best} best "
+                                                f"of {settings.samples} scored higher (overall "
+                                                f"{s.details['qa']['overall']})",
+                      "qa": s.details["qa"]} for s in ranked[keep_best:]]
+        kept = sorted(ranked[:keep_best], key=lambda s: s.seed)
     return kept, rejected

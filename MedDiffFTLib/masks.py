@@ -2,19 +2,26 @@
 
 A mask source proposes, for one sample, the new label on the background's grid. ``label`` uses
 the case's own label; ``jitter`` moves, scales and rotates it (the same transform on every slice,
-so a 3D lesion stays coherent). The learned mask generator plugs in as another ``MaskSource``.
+so a 3D lesion stays coherent); ``generator`` draws new lesions from the model folder's mask
+generator (mask_generator.py). A run builds its source once (``make_mask_source``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from scipy import ndimage
 
-from .errors import MedDiffFTError
+from .errors import MedDiffFTError, PlacementError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .caseio import Case
 
 
 def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
@@ -65,12 +72,13 @@ class Proposal:
 
 
 class MaskSource(Protocol):
-    """Proposes the new lesion for a sample (label, jitter, and later the learned generator)."""
+    """Proposes the new lesion for a sample from the case's label placed on the ``background``
+    case's grid, slicing along ``axis``; all randomness comes from ``rng``."""
 
     name: str
 
     def propose(self, label: np.ndarray, foreground: np.ndarray, axis: int,
-                rng: np.random.Generator) -> Proposal: ...
+                rng: np.random.Generator, background: "Case") -> Proposal: ...
 
 
 class LabelMaskSource:
@@ -78,7 +86,7 @@ class LabelMaskSource:
 
     name = "label"
 
-    def propose(self, label, foreground, axis, rng):
+    def propose(self, label, foreground, axis, rng, background):
         return Proposal(label.copy(), foreground.copy(), {})
 
 
@@ -93,7 +101,7 @@ class JitterMaskSource:
     max_rotation: float = 30.0
     name: str = "jitter"
 
-    def propose(self, label, foreground, axis, rng):
+    def propose(self, label, foreground, axis, rng, background):
         stack_label = np.moveaxis(label, axis, 0)
         stack_fg = np.moveaxis(foreground, axis, 0)
         height, width = stack_fg.shape[1:]
@@ -114,7 +122,7 @@ class JitterMaskSource:
             if new_fg.any() and not (new_fg & border).any():
                 break
         else:
-            raise MedDiffFTError("--jitter could not place the lesion inside the image in 20 tries; "
+            raise PlacementError("--jitter could not place the lesion inside the image in 20 tries; "
                                  "lower the jitter bounds or use --mask-source label.")
         out_label = np.where(stack_fg, 0, stack_label).astype(label.dtype)
         out_label[new_fg] = new_label[new_fg]
@@ -158,10 +166,27 @@ def place_label(label: np.ndarray, foreground: np.ndarray, shape: tuple[int, ...
     return out_label, out_fg
 
 
-MASK_SOURCES = {"label": LabelMaskSource, "jitter": JitterMaskSource}
+MASK_SOURCES = ("label", "jitter", "generator")
 
 
-def make_mask_source(name: str) -> MaskSource:
+def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
+                     allowed_region: str | None = None, device: "torch.device | None" = None) -> MaskSource:
+    """The run's mask source; ``generator`` loads the mask model from ``model_dir`` once."""
     if name not in MASK_SOURCES:
         raise MedDiffFTError(f"--mask-source {name}: choose one of {', '.join(MASK_SOURCES)}.")
-    return MASK_SOURCES[name]()
+    if allowed_region is not None and name != "generator":
+        raise MedDiffFTError(f"--allowed-region places generated lesions (--mask-source generator); "
+                             f"with --mask-source {name} drop it.")
+    if name == "label":
+        return LabelMaskSource()
+    if name == "jitter":
+        return JitterMaskSource()
+    import torch
+
+    from .mask_generator import GeneratorMaskSource, MaskGenerator
+
+    if model_dir is None:
+        raise MedDiffFTError("--mask-source generator needs the model folder: build the source with "
+                             "make_mask_source('generator', model_dir=...) and pass it to generate_samples.")
+    generator = MaskGenerator.load(model_dir, device or torch.device("cpu"))
+    return GeneratorMaskSource(generator, allowed_region)

@@ -20,8 +20,11 @@ SEAM = 3
 
 
 def run(tmp_path, image, label, out="out", *extra):
+    """A tiny run painting the case's own label, uneroded (these tests compare outputs with it;
+    the mask generator and corrosion are tested in test_mask_generator.py, test_corrosion.py)."""
     return run_command(["run", "--image", image, "--label", label, "--out", tmp_path / out,
-                        "--seam", str(SEAM), *TRAIN_TINY, *SAMPLE_TINY, *COMMON, *extra])
+                        "--seam", str(SEAM), *TRAIN_TINY, *SAMPLE_TINY, *COMMON,
+                        "--mask-source", "label", "--erode", "0", *extra])
 
 
 def manifest(out):
@@ -117,7 +120,8 @@ def test_seeds_reproduce_and_differ_and_reload_reproduces(tmp_path, volume_case)
     assert not np.array_equal(arrays(a, 0), arrays(a, 1))  # another seed -> different
     # save/load: sampling from the saved model folder reproduces the run's outputs exactly
     run_command(["sample", "--model", a / "model", "--image", image_path, "--label", label_path,
-                 "--out", tmp_path / "c", "--seam", str(SEAM), *SAMPLE_TINY, *COMMON])
+                 "--out", tmp_path / "c", "--seam", str(SEAM), *SAMPLE_TINY, *COMMON,
+                 "--mask-source", "label", "--erode", "0"])
     assert np.array_equal(arrays(a, 0), arrays(tmp_path / "c", 0))
     assert np.array_equal(arrays(a, 1), arrays(tmp_path / "c", 1))
 
@@ -162,7 +166,7 @@ def test_json_progress_protocol_and_exit_codes(tmp_path, volume_case):
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
     stages = {e["stage"] for e in events if "stage" in e}
-    assert stages == {"finetune", "sample"}
+    assert stages == {"finetune", "mask generator", "sample"}
     assert all(e["step"] <= e["total"] for e in events if e.get("stage") == "finetune")
     assert events[-1]["event"] == "done" and events[-1]["samples"] == 2
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -201,7 +205,7 @@ def test_background_mode_paints_into_a_lesion_free_image(tmp_path, picture_case)
 def test_demo_runs_and_says_it_uses_a_phantom(tmp_path):
     events = []
     result = run_command(["demo", "--out", tmp_path / "demo", "--train-steps", "2", "--samples", "1",
-                          "--device", "cpu"], on_progress=events.append)
+                          "--qa", "off", "--device", "cpu"], on_progress=events.append)
     assert (tmp_path / "demo" / "run" / "preview.png").is_file()
     assert result["preview"] == str(tmp_path / "demo" / "run" / "preview.png")
     assert any("phantom" in e.get("message", "") for e in events)

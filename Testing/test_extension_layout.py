@@ -132,7 +132,7 @@ def test_ui_matches_the_parameter_node_and_the_widget():
     parameterClass = next(node for node in logic.body if isinstance(node, ast.ClassDef) and node.name == "MedDiffFTParameterNode")
     fields = {node.target.id for node in parameterClass.body if isinstance(node, ast.AnnAssign)}
     assert bound <= fields, "SlicerParameterName without a parameter"
-    assert fields - bound == {"inputSegmentation", "segmentIds"}  # the segment selector is synced by hand
+    assert fields - bound == {"inputSegmentation", "segmentIds", "allowedRegionSegmentId"}  # segment selectors are synced by hand
     usedByWidget = set(re.findall(r"self\.ui\.(\w+)", (SLICER_LIB_DIR / "Widget.py").read_text(encoding="utf-8")))
     assert usedByWidget and usedByWidget <= widgets, f"missing in the .ui: {sorted(usedByWidget - widgets)}"
 

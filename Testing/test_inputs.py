@@ -174,7 +174,7 @@ def test_cases_csv(tmp_path, volume_case):
     csv_path = tmp_path / "cases.csv"
     csv_path.write_text(f"image,label\n{first[0].name},{first[1].name}\n{second[0].name},{second[1].name}\n")
     result = run_command(["run", "--cases", csv_path, "--out", tmp_path / "out", *TRAIN_TINY,
-                          "--samples", "1", "--sampling-steps", "2", *COMMON])
+                          "--samples", "1", "--sampling-steps", "2", "--qa", "off", *COMMON])
     entries = json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"]
     assert result["samples"] == 2 and {e["source_image"] for e in entries} == {str(first[0]), str(second[0])}
 

@@ -27,7 +27,8 @@ from MedDiffFTSlicerLib.CLIProcess import CLIProcess, parseLine  # noqa: E402
 
 TINY = {
     "train_steps": 4, "batch_size": 2, "resolution": 32, "samples": 2, "seed": 0, "sampling_steps": 3, "device": "cpu",
-    "model_size": "tiny",
+    "model_size": "tiny", "mask_steps": 2, "mask_resolution": 16,
+    "qa": "off",  # a 4-step model paints noise, which quality assessment rejects
 }  # fmt: skip
 LESION = SyntheticCase.blobMask((3, 12, 12), (1.5, 4, 5))
 CYST = SyntheticCase.blobMask((2, 5, 18), (1.2, 3, 3))
@@ -123,7 +124,8 @@ def test_generate_adds_pairs_on_the_input_grid_in_one_folder(case, workRoot):
     before = snapshot(volumeNode, segmentationNode)
     events = []
 
-    result = MRMLBridge.generate(volumeNode, segmentationNode, ["cyst", "lesion"], options=TINY, progress=events.append)
+    options = {**TINY, "mask_source": "label"}  # segments stay in place: their label values can be checked
+    result = MRMLBridge.generate(volumeNode, segmentationNode, ["cyst", "lesion"], options=options, progress=events.append)
 
     assert [node.GetName() for node in result.volumes] == ["CT_synth01_1", "CT_synth02"]
     assert [node.GetName() for node in result.segmentations] == ["CT_synth01_1 segmentation", "CT_synth02 segmentation"]
@@ -189,6 +191,27 @@ def test_generate_from_a_segmentation_loaded_from_seg_nrrd(case, workRoot, tmp_p
     assert not list(workRoot.glob("MedDiffFT-*"))
 
 
+def test_allowed_region_segment_confines_new_lesions(case, workRoot):
+    """``allowed_region`` naming a segment: it goes to the library as a mask file, new lesions from
+    the mask generator lie inside it, and it is not synthesized itself."""
+    scene, volumeNode, segmentationNode, *_ = case
+    organ = SyntheticCase.blobMask((2.5, 12, 12), (3, 9, 9))
+    segmentationNode.GetSegmentation().AddEmptySegment("organ", "Organ", (0.8, 0.8, 0.2))
+    slicer.util.updateSegmentBinaryLabelmapFromArray(organ.astype(np.uint8), segmentationNode, "organ", volumeNode)
+    before = snapshot(volumeNode, segmentationNode)
+
+    result = MRMLBridge.generate(volumeNode, segmentationNode, options={**TINY, "allowed_region": "organ", "samples": 1})
+
+    synthSegmentation = result.segmentations[0]
+    assert list(synthSegmentation.GetSegmentation().GetSegmentIDs()) == ["lesion", "cyst"]
+    newLesions = segmentMask(synthSegmentation, "lesion", result.volumes[0]) | segmentMask(synthSegmentation, "cyst", result.volumes[0])
+    assert newLesions.any() and not (newLesions & ~organ).any()
+    assertSnapshotsEqual(before, snapshot(volumeNode, segmentationNode))
+    with pytest.raises(ValueError, match="both a lesion to synthesize and the allowed region"):
+        MRMLBridge.generate(volumeNode, segmentationNode, ["lesion", "organ"], options={**TINY, "allowed_region": "organ"})
+    assert not list(workRoot.glob("MedDiffFT-*"))
+
+
 @pytest.mark.parametrize(
     "segmentIds, kwargs, error",
     [
@@ -214,11 +237,11 @@ def test_failure_or_cancel_adds_nothing(case, workRoot, segmentIds, kwargs, erro
 def test_finetuned_model_folder_is_used_by_generate(case, tmp_path):
     scene, volumeNode, segmentationNode, *_ = case
     modelDir = tmp_path / "model"
-    training = {key: TINY[key] for key in ("train_steps", "batch_size", "resolution", "seed", "device", "model_size")}
+    training = {key: TINY[key] for key in ("train_steps", "batch_size", "resolution", "seed", "device", "model_size", "mask_steps", "mask_resolution", "qa")}
 
     assert MRMLBridge.finetune([volumeNode], [segmentationNode], ["lesion"], modelDir=modelDir, options=training) == modelDir
     assert (modelDir / "meddiffft.json").is_file()
-    sampling = {key: TINY[key] for key in ("samples", "seed", "sampling_steps", "device")}
+    sampling = {key: TINY[key] for key in ("samples", "seed", "sampling_steps", "device", "qa")}
     result = MRMLBridge.generate(volumeNode, segmentationNode, ["lesion"], modelDir=modelDir, options=sampling, outputFolderName="Synthetic")
 
     assert len(result.volumes) == 2
@@ -324,7 +347,8 @@ def test_logic_prepares_the_commands_of_each_mode(logicModule, case, tmp_path, w
     modelDir, noFolder = tmp_path / "model", Path()
     parameters = types.SimpleNamespace(
         inputVolume=volumeNode, inputSegmentation=segmentationNode, segmentIds=["lesion"], samples=2, seed=5,
-        trainSteps=7, samplingSteps=3, resolution=32, device="cpu",
+        trainSteps=7, samplingSteps=3, resolution=32, device="cpu", allowedRegionSegmentId="cyst", backbone="compact",
+        baseModel="", guidanceScale=3.0, maskSource="generator", qa=True, erode="auto",
     )  # fmt: skip
     logic = logicModule.MedDiffFTLogic()
     expected = {
@@ -342,6 +366,8 @@ def test_logic_prepares_the_commands_of_each_mode(logicModule, case, tmp_path, w
             parser.parse_args(job.arguments)  # the command accepts every option it gets
             assert ("--overwrite" in job.arguments) == (command == "finetune")
             assert ("--model-out" in job.arguments or "--model" in job.arguments) == (command != "run")
+            if command != "finetune":  # the allowed-region segment went out as a mask file
+                assert Path(job.arguments[job.arguments.index("--allowed-region") + 1]).is_file()
             job.discard()
     parameters.mode, parameters.modelFolder = Mode.GENERATE, noFolder
     with pytest.raises(ValueError, match="model folder"):

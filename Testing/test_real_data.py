@@ -23,7 +23,7 @@ def finetune_then_sample(tmp_path, image, label):
     run_command(["finetune", "--image", image, "--label", label, "--model-out", tmp_path / "model",
                  *TRAIN_TINY, *COMMON])
     run_command(["sample", "--model", tmp_path / "model", "--image", image, "--label", label,
-                 "--out", tmp_path / "out", *SAMPLE_TINY, *COMMON])
+                 "--out", tmp_path / "out", *SAMPLE_TINY, *COMMON, "--mask-source", "label", "--erode", "0"])
     return json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"]
 
 

@@ -26,7 +26,8 @@ def test_pretrain_then_finetune_from_it(tmp_path, volume_case):
     assert not (tmp_path / "pre" / "lesion_bank.safetensors").exists()
     with pytest.raises(MedDiffFTError, match="--init transplant needs real lesions"):
         run_command(["sample", "--model", tmp_path / "pre", "--image", image, "--label", label,
-                     "--init", "transplant", "--out", tmp_path / "out", *COMMON])
+                     "--init", "transplant", "--qa", "off", "--mask-source", "label", "--out",
+                     tmp_path / "out", *COMMON])
     assert not (tmp_path / "out").exists()
     run_command(["finetune", "--image", image, "--label", label, "--init-model", tmp_path / "pre",
                  "--model-out", tmp_path / "ft", *TRAIN_TINY, *COMMON])

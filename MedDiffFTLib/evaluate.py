@@ -1,0 +1,648 @@
+"""``meddiffft evaluate``: does synthetic data improve a segmenter trained on K labeled cases?
+
+Per seed: draw a random K-subset of the training pool (plus validation cases for model selection,
+the rest of the pool as unlabeled data), fine-tune and generate through the normal ``run`` command,
+then train the fixed segmenter (segmenter.py) in each arm and score it on the test cases. Every
+finished unit is recorded in the run folder with the inputs it was made from, and skipped on a
+restart that gives it the same inputs. The test cases are only read
+for scoring.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .caseio import Case, read_case, read_cases_csv
+from .errors import MedDiffFTError
+from .masks import dilate
+from .outputs import write_json
+from .progress import Progress
+from .segmenter import (SegmenterSettings, build_model, dice_per_image, encoder_features, hd95_per_image,
+                        planes_to_tensor, predict, train_segmenter)
+from .slicing import choose_axis, slice_stack
+
+# arm name -> (augmentation, extra pairs mixed into each batch)
+ARMS = {"real_no_aug": ("none", None), "real_only": ("strong", None),
+        "real_plus_synthetic": ("strong", "synthetic"), "real_plus_copy_paste": ("strong", "copy_paste")}
+MEMORIZATION_NCC = 0.95
+ROI_PX = 32
+
+
+@dataclass
+class EvaluateSettings:
+    k: int = 20
+    synthetic_per_real: int = 2
+    seeds: int = 3
+    first_seed: int = 0
+    validation_cases: int = 10
+    unlabeled_pool: bool = True
+    arms: list[str] = field(default_factory=lambda: ["real_only", "real_plus_synthetic"])
+    seg_epochs: int = 1000        # passes over the K real cases' slices, at most
+    segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
+    run_args: list[str] = field(default_factory=list)  # forwarded to `meddiffft run`
+    device: str = "auto"
+
+
+@dataclass
+class Split:
+    train: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _file_key(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_split(train_csv: str, test_csv: str, settings: EvaluateSettings) -> Split:
+    """Check both CSVs before any work: files exist, K fits, no test image is also a training image
+    (same content, whatever its name)."""
+    split = Split(read_cases_csv(train_csv), read_cases_csv(test_csv))
+    for name, rows in (("--train", split.train), ("--test", split.test)):
+        for number, (image, label) in enumerate(rows, start=2):
+            if label is None:
+                raise MedDiffFTError(f"{name} CSV row {number}: no label for {image}; every case needs "
+                                     "a label in the 'label' column.")
+            for path in (image, label):
+                if not Path(path).is_file():
+                    raise MedDiffFTError(f"{name} CSV row {number}: file {path} not found; fix the path "
+                                         "(relative paths are relative to the CSV's folder).")
+    needed = settings.k + settings.validation_cases
+    if settings.k <= 0 or needed > len(split.train):
+        raise MedDiffFTError(f"--k {settings.k} plus {settings.validation_cases} validation cases needs "
+                             f"{needed} training cases, but the training set has {len(split.train)}; "
+                             "lower --k or --validation-cases, or add cases.")
+    train_keys = {_file_key(image): image for image, _ in split.train}
+    for image, _ in split.test:
+        if _file_key(image) in train_keys:
+            raise MedDiffFTError(f"Test case {image} is also a training case ({train_keys[_file_key(image)]}); "
+                                 "the test cases must be disjoint from the training set.")
+    return split
+
+
+def draw_subset(count: int, seed: int, settings: EvaluateSettings) -> dict[str, list[int]]:
+    """Row indices of the K labeled, the validation and the unlabeled training cases for ``seed``."""
+    order = np.random.default_rng(seed).permutation(count).tolist()
+    k, v = settings.k, settings.validation_cases
+    return {"labeled": order[:k], "validation": order[k:k + v], "unlabeled": order[k + v:]}
+
+
+Pairs = tuple[torch.Tensor, torch.Tensor]  # (N, 1, R, R) images and masks
+
+
+def case_tensors(case: Case, resolution: int, *, lesion_slices_only: bool = False) -> Pairs:
+    """A case's slices (along the largest-spacing axis; 2D: its one plane) as segmenter tensors."""
+    axis = choose_axis(case.spacing, "auto", case.is_2d)
+    planes, masks = slice_stack(case.image, axis), slice_stack(case.foreground, axis)
+    keep = [i for i in range(len(planes)) if not lesion_slices_only or masks[i].any()]
+    return (planes_to_tensor([planes[i] for i in keep], resolution),
+            planes_to_tensor([masks[i] for i in keep], resolution, is_mask=True))
+
+
+def copy_paste_pairs(images: torch.Tensor, masks: torch.Tensor, count: int, seed: int) -> Pairs:
+    """Context baseline: a real lesion (its labeled pixels) pasted at its place into another real
+    slice; the label is the union of both."""
+    donors = [i for i in range(len(images)) if masks[i].any()]
+    if len(images) < 2 or not donors:
+        return images[:0], masks[:0]
+    rng = np.random.default_rng(seed)
+    out_images, out_masks = [], []
+    for n in range(count):
+        donor = donors[n % len(donors)]
+        recipient = int(rng.choice([i for i in range(len(images)) if i != donor]))
+        lesion = masks[donor] > 0
+        out_images.append(torch.where(lesion, images[donor], images[recipient]))
+        out_masks.append(torch.maximum(masks[recipient], masks[donor]))
+    return torch.stack(out_images), torch.stack(out_masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def score_cases(model: torch.nn.Module, cases: list[Pairs]) -> dict:
+    """Per case: Dice over all its slices together, and slice-wise HD95 (model px) where defined."""
+    dice, hd95 = [], []
+    for images, masks in cases:
+        prediction = predict(model, images)
+        dice.append(float(dice_per_image(prediction.reshape(1, 1, -1, prediction.shape[-1]),
+                                         masks.bool().reshape(1, 1, -1, masks.shape[-1]))[0]))
+        per_slice = hd95_per_image(prediction, masks.bool())
+        hd95.append(float(np.nanmean(per_slice)) if np.isfinite(per_slice).any() else None)
+    defined = [h for h in hd95 if h is not None]
+    return {"dice": dice, "dice_mean": float(np.mean(dice)), "hd95": hd95,
+            "hd95_mean": float(np.mean(defined)) if defined else None}
+
+
+def kid(real: np.ndarray, fake: np.ndarray) -> float | None:
+    """Kernel Inception Distance form: unbiased MMD^2 with the cubic polynomial kernel."""
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    dim = real.shape[1]
+
+    def kernel(a, b):
+        return (a @ b.T / dim + 1.0) ** 3
+
+    m, n = len(real), len(fake)
+    k_rr, k_ff, k_rf = kernel(real, real), kernel(fake, fake), kernel(real, fake)
+    return float((k_rr.sum() - np.trace(k_rr)) / (m * (m - 1)) + (k_ff.sum() - np.trace(k_ff)) / (n * (n - 1))
+                 - 2 * k_rf.mean())
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float | None:
+    """Frechet distance between Gaussians fitted to two feature sets (each feature z-scored over
+    both sets together, so no feature's units dominate)."""
+    from scipy import linalg
+
+    if len(real) < 2 or len(fake) < 2:
+        return None
+    both = np.concatenate([real, fake])
+    centre, scale = both.mean(0), both.std(0) + 1e-6
+    real, fake = (real - centre) / scale, (fake - centre) / scale
+    cov_r, cov_f = np.atleast_2d(np.cov(real, rowvar=False)), np.atleast_2d(np.cov(fake, rowvar=False))
+    root = linalg.sqrtm(cov_r @ cov_f).real
+    return float(((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(cov_r + cov_f - 2 * root))
+
+
+def lesion_radiomics(images: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
+    """Weight-free radiomic-like lesion features (quality.lesion_features) of each slice with a lesion."""
+    from .quality import lesion_features
+
+    rows = [lesion_features(image[0].numpy() * 2 - 1, mask[0].numpy() > 0)
+            for image, mask in zip(images, masks) if mask.any()]
+    return np.asarray(rows).reshape(len(rows), -1)
+
+
+def lesion_rois(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Each lesion's bounding box carried to ROI_PX x ROI_PX, zero-mean unit-norm (for NCC)."""
+    out = []
+    for image, mask in zip(images, masks):
+        rows, cols = torch.nonzero(mask[0], as_tuple=True)
+        if len(rows) == 0:
+            continue
+        crop = image[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        roi = torch.nn.functional.interpolate(crop[None], size=(ROI_PX, ROI_PX), mode="bilinear",
+                                              align_corners=False).reshape(-1)
+        roi = roi - roi.mean()
+        out.append(roi / (roi.norm() + 1e-6))
+    return torch.stack(out) if out else torch.zeros((0, ROI_PX * ROI_PX))
+
+
+def memorization_rate(synthetic: Pairs, real: Pairs) -> float | None:
+    """Share of synthetic lesions whose box correlates (NCC) above MEMORIZATION_NCC with a training
+    lesion box: the backgrounds are real by design, so only the painted lesion can be copied."""
+    fake, reference = lesion_rois(*synthetic), lesion_rois(*real)
+    if len(fake) == 0 or len(reference) == 0:
+        return None
+    return float(((fake @ reference.T).max(dim=1).values > MEMORIZATION_NCC).float().mean())
+
+
+def background_preservation(generation_dir: Path, entries: list[dict]) -> float | None:
+    """Share of pixels farther than the seam from the synthetic lesion (and from the old lesion,
+    which a moved mask heals) that equal the background image exactly (1.0 = untouched)."""
+    same, total = 0, 0
+    for entry in entries:
+        sample = read_case(str(generation_dir / entry["image"]), str(generation_dir / entry["label"]))
+        own_case = entry["background_image"] == entry["source_image"]
+        background = read_case(entry["background_image"], entry["source_label"] if own_case else None,
+                               require_label=own_case)
+        if background.image.shape != sample.image.shape:
+            continue
+        axis = choose_axis(sample.spacing, "auto", sample.is_2d)
+        changed = sample.foreground | (background.foreground if own_case else False)
+        for plane, fg, before in zip(slice_stack(sample.image, axis), slice_stack(changed, axis),
+                                     slice_stack(background.image, axis)):
+            outside = ~dilate(fg, float(entry.get("seam_px") or 0) + 1.5)
+            equal = np.all(plane == before, axis=-1) if plane.ndim == 3 else plane == before
+            same += int(equal[outside].sum())
+            total += int(outside.sum())
+    return same / total if total else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+class _Bar:
+    """One progress bar over the whole run; inner stages move it through event callbacks."""
+
+    def __init__(self, advance: Callable[[int], None]):
+        self.advance = advance
+        self.position = 0
+
+    def unit(self, weight: int) -> tuple[Progress, Callable[[], None]]:
+        """A Progress for one unit of ``weight`` bar steps, and the call that completes the unit."""
+        start, seen = self.position, {}
+
+        def move_to(target: int) -> None:
+            if target > self.position:
+                self.advance(target - self.position)
+                self.position = target
+
+        def on_event(event: dict) -> None:
+            if "stage" in event and "step" in event:
+                seen[event["stage"]] = event["step"]
+                move_to(start + min(weight - 1, sum(seen.values())))
+
+        return Progress("none", on_event), lambda: move_to(start + weight)
+
+
+def _start_unit() -> float:
+    """Reset the GPU peak-memory counter; return the start time."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return time.monotonic()
+
+
+def _peak_memory_mb() -> dict:
+    """The process's peak RSS so far (CPU) and the unit's peak GPU allocation, in MB."""
+    peak = {"rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peak["gpu"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str | None]], *, labels: bool = True) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label"] if labels else ["image"])
+        for image, label in rows:
+            writer.writerow([os.path.abspath(image), os.path.abspath(label)] if labels else [os.path.abspath(image)])
+
+
+def _run_argv(seed_dir: Path, seed: int, settings: EvaluateSettings, unlabeled: bool) -> list[str]:
+    argv = ["run", "--cases", str(seed_dir / "labeled.csv"), "--out", str(seed_dir / "generation"),
+            "--samples", str(settings.synthetic_per_real), "--seed", str(seed), "--device", settings.device,
+            "--progress", "none"]
+    if unlabeled:
+        argv += ["--unlabeled-cases", str(seed_dir / "unlabeled.csv")]
+    return argv + list(settings.run_args)
+
+
+def _generation_weight(argv: list[str], k: int) -> int:
+    """Bar steps of one fine-tune + generation (its optimizer steps and samples); checks the run
+    options before any work."""
+    from .cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    pretrain = args.pretrain_steps if args.pretrain_steps is not None else (
+        args.train_steps if args.unlabeled_cases else 0)
+    return args.train_steps + pretrain + args.samples * k
+
+
+def _load_segmenter(path: Path, device: torch.device) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    model = build_model()
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()
+
+
+def _save_segmenter(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _open_run_folder(out: Path, record: dict, overwrite: bool) -> None:
+    """Start a run folder, or continue one (units whose inputs did not change are kept)."""
+    import shutil
+
+    settings_path = out / "settings.json"
+    if out.exists() and not out.is_dir():
+        raise MedDiffFTError(f"--out {out} is a file; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not settings_path.is_file():
+            raise MedDiffFTError(f"--out {out} is not empty and holds no evaluation; choose another "
+                                 "folder or pass --overwrite to replace it.")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(settings_path, record)
+
+
+def _unit_done(path: Path, key: dict) -> bool:
+    """A unit's record exists and was made from the same inputs (``key``)."""
+    return path.is_file() and json.loads(path.read_text()).get("key") == json.loads(json.dumps(key, default=str))
+
+
+def _generate(seed_dir: Path, seed: int, key: dict, rows: dict, settings: EvaluateSettings, unlabeled_on: bool,
+              bar: _Bar, weight: int) -> list[dict]:
+    """Fine-tune and generate through `meddiffft run` (skipped when done with the same inputs);
+    returns the manifest's sample entries."""
+    import shutil
+
+    from .cli import run_command
+
+    record_path, generation_dir = seed_dir / "generation.json", seed_dir / "generation"
+    child, finish = bar.unit(weight)
+    if not _unit_done(record_path, key):
+        shutil.rmtree(generation_dir, ignore_errors=True)
+        _write_csv(seed_dir / "labeled.csv", rows["labeled"])
+        _write_csv(seed_dir / "unlabeled.csv", rows["unlabeled"], labels=False)
+        began = _start_unit()
+        run_command(_run_argv(seed_dir, seed, settings, unlabeled_on), on_progress=child.emit)
+        write_json(record_path, {"key": key, "seconds": round(time.monotonic() - began, 2),
+                                 "peak_memory_mb": _peak_memory_mb()})
+    finish()
+    return json.loads((generation_dir / "manifest.json").read_text())["samples"]
+
+
+def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real, validation, extra, test,
+               settings: EvaluateSettings, device: torch.device, bar: _Bar) -> dict:
+    """Train and score one arm's segmenter (skipped when done with the same inputs)."""
+    augmentation, pairs_name = ARMS[arm]
+    record_path = seed_dir / f"{arm}.json"
+    child, finish = bar.unit(steps)
+    if not _unit_done(record_path, key):
+        seg = SegmenterSettings(**{**asdict(settings.segmenter), "augmentation": augmentation, "seed": seed,
+                                   "max_steps": steps, "validate_every": max(1, steps // 40)})
+        began = _start_unit()
+        model, history = train_segmenter(real[0], real[1], seg, device=device, validation=validation,
+                                         synthetic=extra.get(pairs_name) if pairs_name else None, progress=child)
+        _save_segmenter(model, seed_dir / f"{arm}.safetensors")
+        write_json(record_path, {"key": key, **score_cases(model, test), "history": history,
+                                 "seconds": round(time.monotonic() - began, 2), "peak_memory_mb": _peak_memory_mb()})
+    finish()
+    return json.loads(record_path.read_text())
+
+
+def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSettings, *,
+             progress: Progress, overwrite: bool = False) -> dict:
+    """Run (or continue) the evaluation in ``out``; returns the report."""
+    from .backbone import resolve_device
+
+    for arm in settings.arms:
+        if arm not in ARMS:
+            raise MedDiffFTError(f"Unknown arm {arm!r}; use some of {', '.join(ARMS)}.")
+    if "real_only" not in settings.arms:
+        raise MedDiffFTError("--arms must include real_only (the baseline and the faithfulness judge).")
+    if settings.seeds <= 0 or settings.synthetic_per_real <= 0 or settings.seg_epochs <= 0:
+        raise MedDiffFTError("--seeds, --synthetic-per-real and --seg-epochs must be positive.")
+    if not 0.0 <= settings.segmenter.synthetic_fraction < 1.0:
+        raise MedDiffFTError(f"--synthetic-fraction must be in [0, 1); got {settings.segmenter.synthetic_fraction}.")
+    split = read_split(train_csv, test_csv, settings)
+    device = resolve_device(settings.device)
+    record = {"train": os.path.abspath(train_csv), "test": os.path.abspath(test_csv), **asdict(settings)}
+    seeds = list(range(settings.first_seed, settings.first_seed + settings.seeds))
+    needs_generation = "real_plus_synthetic" in settings.arms
+    unlabeled_on = settings.unlabeled_pool and len(split.train) > settings.k + settings.validation_cases
+    generation_weight = (_generation_weight(_run_argv(out / "seed", 0, settings, unlabeled_on), settings.k)
+                         if needs_generation else 0)
+    _open_run_folder(out, record, overwrite)
+    resolution = settings.segmenter.resolution
+    loaded: dict[str, Pairs] = {}
+
+    def stacked(rows) -> Pairs:
+        for image, label in rows:
+            if image not in loaded:
+                loaded[image] = case_tensors(read_case(image, label), resolution)
+        pairs = [loaded[image] for image, _ in rows]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    test = [case_tensors(read_case(image, label), resolution) for image, label in split.test]
+    started = time.monotonic()
+    plans = []
+    for seed in seeds:
+        subset = draw_subset(len(split.train), seed, settings)
+        rows = {name: [split.train[i] for i in indices] for name, indices in subset.items()}
+        real = stacked(rows["labeled"])
+        steps = max(1, math.ceil(settings.seg_epochs * len(real[0]) / settings.segmenter.batch_size))
+        plans.append((seed, rows, real, steps))
+    total = sum(generation_weight + steps * len(settings.arms) for *_, steps in plans)
+    generation_inputs = {name: record[name] for name in ("train", "test", "k", "validation_cases", "unlabeled_pool",
+                                                         "synthetic_per_real", "run_args")}
+    per_seed, grid = {}, ()
+    with progress.stage("evaluate", total) as advance:
+        bar = _Bar(advance)
+        for seed, rows, real, steps in plans:
+            seed_dir = out / f"seed_{seed}"
+            seed_dir.mkdir(exist_ok=True)
+            write_json(seed_dir / "subset.json", {name: [image for image, _ in r] for name, r in rows.items()})
+            validation = stacked(rows["validation"])
+            extra: dict[str, Pairs] = {}
+            timings: dict[str, dict] = {}
+            generation_key = {**generation_inputs, "seed": seed}
+            if needs_generation:
+                generation_dir = seed_dir / "generation"
+                entries = _generate(seed_dir, seed, generation_key, rows, settings, unlabeled_on, bar,
+                                    generation_weight)
+                recorded = json.loads((seed_dir / "generation.json").read_text())
+                timings["generation"] = {k: v for k, v in recorded.items() if k != "key"}
+                timings["generation"]["seconds_per_kept_sample"] = (
+                    round(timings["generation"]["seconds"] / len(entries), 2) if entries else None)
+                pairs = [case_tensors(read_case(str(generation_dir / e["image"]), str(generation_dir / e["label"])),
+                                      resolution, lesion_slices_only=True) for e in entries]
+                if not pairs:
+                    raise MedDiffFTError(f"The generation for seed {seed} kept no samples "
+                                         f"({generation_dir / 'manifest.json'}); loosen the QA options "
+                                         "in --run-args.")
+                extra["synthetic"] = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+            if "real_plus_copy_paste" in settings.arms:
+                extra["copy_paste"] = copy_paste_pairs(*real, settings.synthetic_per_real * settings.k, seed)
+            arms = {}
+            for arm in settings.arms:
+                key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs,
+                       "segmenter": asdict(settings.segmenter), "validation_cases": settings.validation_cases,
+                       "train": record["train"], "test": record["test"], "k": settings.k,
+                       **({"generation": generation_key} if ARMS[arm][1] == "synthetic" else {}),
+                       **({"synthetic_per_real": settings.synthetic_per_real} if ARMS[arm][1] else {})}
+                arms[arm] = _train_arm(seed_dir, arm, seed, key, steps, real, validation, extra, test, settings,
+                                       device, bar)
+                timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
+            grid = grid or (real, extra.get("synthetic"))
+            per_seed[seed] = {"arms": arms, "timings": timings,
+                              **_synthetic_metrics(seed_dir, real, test, extra.get("synthetic"), arms, device)}
+    report = build_report(per_seed, settings, record, split, unlabeled_on, time.monotonic() - started)
+    write_report(out, report, per_seed, *grid)
+    return report
+
+
+def _synthetic_metrics(seed_dir: Path, real, test, synthetic, arms: dict, device) -> dict:
+    """Faithfulness, realism (FRD, KID), memorization and background preservation of a seed's pairs."""
+    if synthetic is None:
+        return {}
+    judge = _load_segmenter(seed_dir / "real_only.safetensors", device)
+    synthetic_dice = float(dice_per_image(predict(judge, synthetic[0]), synthetic[1].bool()).mean())
+    test_dice = arms["real_only"]["dice_mean"]
+    entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
+    real_lesions = (real[0][real[1].flatten(1).any(1)], real[1][real[1].flatten(1).any(1)])
+    return {"synthetic_pairs": len(synthetic[0]),
+            "faithfulness_dice": synthetic_dice,
+            "faithfulness_ratio": synthetic_dice / test_dice if test_dice > 0 else None,
+            "frd": frechet_distance(lesion_radiomics(*real_lesions), lesion_radiomics(*synthetic)),
+            "kid": kid(encoder_features(judge, *real_lesions), encoder_features(judge, *synthetic)),
+            "memorization_rate": memorization_rate(synthetic, real_lesions),
+            "background_preservation": background_preservation(seed_dir / "generation", entries)}
+
+
+def _summary(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"dice_mean": float(array.mean()), "dice_sd": float(array.std(ddof=1)) if len(array) > 1 else 0.0}
+
+
+def _mean_defined(values) -> float | None:
+    defined = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(defined)) if defined else None
+
+
+def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split: Split, unlabeled_on: bool,
+                 seconds: float) -> dict:
+    from scipy import stats
+
+    seeds = sorted(per_seed)
+    report: dict = {}
+    for arm in settings.arms:
+        dice = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
+        report[arm] = {**_summary(dice),
+                       "hd95_mean": _mean_defined(per_seed[s]["arms"][arm]["hd95_mean"] for s in seeds),
+                       "per_seed": [{"seed": s, "dice": per_seed[s]["arms"][arm]["dice_mean"],
+                                     "hd95": per_seed[s]["arms"][arm]["hd95_mean"],
+                                     "best_step": per_seed[s]["arms"][arm]["history"]["best_step"],
+                                     "steps_run": len(per_seed[s]["arms"][arm]["history"]["loss"])}
+                                    for s in seeds]}
+    for arm in settings.arms:
+        if arm == "real_only":
+            continue
+        delta = [per_seed[s]["arms"][arm]["dice_mean"] - per_seed[s]["arms"]["real_only"]["dice_mean"] for s in seeds]
+        name = "delta_dice" if arm == "real_plus_synthetic" else f"delta_dice_{arm}"
+        report[f"{name}_mean"] = float(np.mean(delta))
+        report[f"{name}_sd"] = float(np.std(delta, ddof=1)) if len(delta) > 1 else 0.0
+        p_name = "paired_p_value" if arm == "real_plus_synthetic" else f"paired_p_value_{arm}"
+        after = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
+        before = [per_seed[s]["arms"]["real_only"]["dice_mean"] for s in seeds]
+        p_value = stats.ttest_rel(after, before).pvalue if len(seeds) > 1 else float("nan")
+        report[p_name] = float(p_value) if np.isfinite(p_value) else None
+    for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
+        report[key] = _mean_defined(per_seed[s].get(key) for s in seeds)
+    report["per_seed_synthetic"] = [{"seed": s, **{k: v for k, v in per_seed[s].items()
+                                                   if k not in ("arms", "timings")}}
+                                    for s in seeds]
+    report["settings"] = {**record, "train_cases": len(split.train), "test_cases": len(split.test),
+                          "unlabeled_pool_used": unlabeled_on,
+                          "metrics": {"dice": "per test case over all its slices at the segmenter resolution; "
+                                              "both empty = 1",
+                                      "hd95": "slice-wise, segmenter px, where both sides hold foreground",
+                                      "frd": "Frechet distance of weight-free radiomic lesion features "
+                                             "(quality.lesion_features, z-scored over both sets), synthetic "
+                                             "vs the K real lesions (frd-score is not installed)",
+                                      "kid": "KID (cubic polynomial MMD^2) on the real-only segmenter's "
+                                             "lesion-pooled encoder features",
+                                      "memorization": f"lesion box NCC > {MEMORIZATION_NCC} with a training lesion",
+                                      "faithfulness_ratio": "real-only segmenter's Dice on synthetic "
+                                                            "pairs / on the test cases"}}
+    report["timings"] = {"total_seconds": round(sum(unit["seconds"] for s in seeds
+                                                    for unit in per_seed[s]["timings"].values()), 1),
+                         "this_invocation_seconds": round(seconds, 1),
+                         "per_seed": {s: per_seed[s]["timings"] for s in seeds},
+                         "peak_memory": "rss: the process's peak so far (MB); gpu: the unit's peak allocation"}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Report files
+
+
+def _number(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def report_markdown(report: dict, arms: list[str]) -> str:
+    settings = report["settings"]
+    lines = ["# MedDiffFT evaluation", "",
+             f"K = {settings['k']} labeled cases per seed, {len(report['real_only']['per_seed'])} seeds "
+             f"(a different random K-subset each), {settings['test_cases']} test cases, "
+             f"unlabeled pool for the backbone: {'on' if settings['unlabeled_pool_used'] else 'off'}.", "",
+             "| arm | Dice mean | Dice sd | HD95 mean (px) | per seed |", "|---|---|---|---|---|"]
+    for arm in arms:
+        row = report[arm]
+        seeds = ", ".join(_number(s["dice"]) for s in row["per_seed"])
+        lines.append(f"| {arm} | {_number(row['dice_mean'])} | {_number(row['dice_sd'])} | "
+                     f"{_number(row['hd95_mean'], 1)} | {seeds} |")
+    lines.append("")
+    if "delta_dice_mean" in report:
+        lines.append(f"Delta Dice (real + synthetic - real only): {_number(report['delta_dice_mean'] * 100, 2)} "
+                     f"+- {_number(report['delta_dice_sd'] * 100, 2)} points, paired t-test p = "
+                     f"{_number(report['paired_p_value'])}.")
+    for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
+        if key in report:
+            lines.append(f"- {key}: {_number(report[key], 4)}")
+    lines += ["", f"Total time: {report['timings']['total_seconds']} s. Plots: dice_per_seed.png, "
+              "samples_grid.png, loss_curves.png.", ""]
+    return "\n".join(lines)
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def write_report(out: Path, report: dict, per_seed: dict, real, synthetic) -> None:
+    """report.json, report.md and the plots (Dice per arm per seed, real vs synthetic samples, the
+    training loss and validation Dice curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [arm for arm in ARMS if arm in report]
+    seeds = sorted(per_seed)
+    figure, axes = plt.subplots(figsize=(1.8 * len(arms) + 2, 3.5))
+    for seed in seeds:
+        axes.plot(arms, [per_seed[seed]["arms"][arm]["dice_mean"] for arm in arms], marker="o", label=f"seed {seed}")
+    axes.set_ylabel("test Dice")
+    axes.legend(fontsize=7)
+    _save_figure(figure, out / "dice_per_seed.png")
+
+    columns = 6
+    figure, axes = plt.subplots(2, columns, figsize=(2 * columns, 4.2), squeeze=False)
+    for row, (name, pairs) in enumerate((("real", real), ("synthetic", synthetic))):
+        for col in range(columns):
+            axis = axes[row][col]
+            axis.axis("off")
+            if pairs is not None and col < len(pairs[0]):
+                axis.imshow(pairs[0][col, 0], cmap="gray", vmin=0, vmax=1)
+                axis.contour(pairs[1][col, 0], levels=[0.5], colors="orange", linewidths=0.8)
+                axis.set_title(f"{name} {col + 1}", fontsize=8)
+    _save_figure(figure, out / "samples_grid.png")
+
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for seed in seeds:
+        for arm in arms:
+            history = per_seed[seed]["arms"][arm]["history"]
+            loss = np.asarray(history["loss"])
+            window = max(1, len(loss) // 50)
+            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+            loss_axis.plot(smooth, label=f"{arm} s{seed}", linewidth=0.8)
+            if history["val_dice"]:
+                steps, dice = zip(*history["val_dice"])
+                dice_axis.plot(steps, dice, label=f"{arm} s{seed}", linewidth=0.8)
+    loss_axis.set(title="training loss (moving mean)", xlabel="step")
+    dice_axis.set(title="validation Dice", xlabel="step")
+    dice_axis.legend(fontsize=6)
+    _save_figure(figure, out / "loss_curves.png")
+
+    (out / "report.md.tmp").write_text(report_markdown(report, arms))
+    os.replace(out / "report.md.tmp", out / "report.md")
+    write_json(out / "report.json", report)

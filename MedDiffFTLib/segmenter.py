@@ -1,0 +1,239 @@
+"""A small fixed MONAI 2D U-Net segmenter for slices: the downstream model of ``evaluate`` and the
+judge of mask faithfulness in quality assessment.
+
+Training is deterministic for a seed (model init, batch order and augmentation all derive from
+``SegmenterSettings.seed``), uses nnU-Net-like augmentation, mixes synthetic pairs into every batch
+at a fixed share, and keeps the best-validation weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import MedDiffFTError
+from .progress import Progress
+
+AUGMENTATIONS = ("strong", "none")
+
+
+@dataclass
+class SegmenterSettings:
+    resolution: int = 128         # square model input side in px
+    max_steps: int = 3000         # optimizer steps at most
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    augmentation: str = "strong"  # "strong" (nnU-Net-like) | "none"
+    validate_every: int = 100
+    patience: int = 10            # validations without improvement before stopping early (0 = never)
+    synthetic_fraction: float = 0.5  # share of each batch drawn from synthetic pairs when given
+    seed: int = 0
+
+
+def planes_to_tensor(planes: Sequence[np.ndarray], resolution: int, *, is_mask: bool = False) -> torch.Tensor:
+    """(N, 1, R, R) float32. Images: grey (mean over a trailing colour axis), each plane normalized to
+    [0, 1] (0.5/99.5 percentiles), resized to R x R; masks: binary {0, 1} (area-resized, > 0.5)."""
+    out = []
+    for plane in planes:
+        plane = np.asarray(plane, dtype=np.float32)
+        if is_mask:
+            plane = (plane > 0).astype(np.float32)
+        else:
+            if plane.ndim == 3:
+                plane = plane.mean(axis=-1)
+            low, high = np.percentile(plane, [0.5, 99.5])
+            plane = np.clip((plane - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
+        if plane.ndim != 2:
+            raise MedDiffFTError(f"A slice has shape {plane.shape}; the segmenter takes 2D planes "
+                                 "(H, W) or colour planes (H, W, C).")
+        resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(plane))[None, None],
+                                size=(resolution, resolution), mode="area")[0]
+        out.append((resized > 0.5).float() if is_mask else resized)
+    if not out:
+        return torch.zeros((0, 1, resolution, resolution))
+    return torch.stack(out)
+
+
+def build_model() -> torch.nn.Module:
+    """The fixed architecture (same in every arm and every caller)."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32, 64, 128),
+                strides=(2, 2, 2), num_res_units=1, norm="batch")
+
+
+def _augmentation(kind: str, seed: int):
+    """nnU-Net's default 2D augmentation with MONAI transforms (probabilities as in nnU-Net), seeded."""
+    from monai.transforms import (Compose, Rand2DElasticd, RandAdjustContrastd, RandAffined, RandFlipd,
+                                  RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd)
+
+    if kind not in AUGMENTATIONS:
+        raise MedDiffFTError(f"Unknown segmenter augmentation {kind!r}; use one of {', '.join(AUGMENTATIONS)}.")
+    if kind == "none":
+        return None
+    keys = ("image", "mask")
+    modes = ("bilinear", "nearest")
+    transform = Compose([
+        RandAffined(keys, prob=0.2, rotate_range=np.pi, scale_range=(0.3, 0.3), mode=modes,
+                    padding_mode="zeros"),
+        Rand2DElasticd(keys, spacing=(16, 16), magnitude_range=(0.5, 1.5), prob=0.2, mode=modes,
+                       padding_mode="zeros"),
+        RandGaussianNoised("image", prob=0.1, std=0.1),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0)),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+    ])
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+def _augment(transform, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from monai.utils import convert_to_tensor
+
+    if transform is None:
+        return images, masks
+    pairs = [transform({"image": image, "mask": mask}) for image, mask in zip(images, masks)]
+    image_out = torch.stack([convert_to_tensor(p["image"], dtype=torch.float32, track_meta=False) for p in pairs])
+    mask_out = torch.stack([convert_to_tensor(p["mask"], track_meta=False) > 0.5 for p in pairs]).float()
+    return image_out, mask_out
+
+
+def _check_pairs(images: torch.Tensor, masks: torch.Tensor, what: str) -> None:
+    if images.ndim != 4 or images.shape != masks.shape or images.shape[1] != 1:
+        raise MedDiffFTError(f"The segmenter's {what} images and masks must both be (N, 1, R, R) "
+                             f"(from planes_to_tensor); got {tuple(images.shape)} and {tuple(masks.shape)}.")
+
+
+def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: SegmenterSettings, *,
+                    device: torch.device, validation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    synthetic: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    progress: Progress | None = None) -> tuple[torch.nn.Module, dict]:
+    """Deterministic for a seed. Returns (model in eval mode, history) with history =
+    {"loss": [...], "val_dice": [[step, dice], ...], "best_step": int | None}; with ``validation`` the
+    best-validation weights are returned."""
+    from monai.losses import DiceCELoss
+
+    _check_pairs(images, masks, "training")
+    if len(images) == 0:
+        raise MedDiffFTError("The segmenter needs at least one training slice.")
+    if synthetic is not None:
+        _check_pairs(*synthetic, "synthetic")
+        if len(synthetic[0]) == 0:
+            synthetic = None
+    if validation is not None:
+        _check_pairs(*validation, "validation")
+    if not 0.0 <= settings.synthetic_fraction < 1.0:
+        raise MedDiffFTError(f"The synthetic fraction must be in [0, 1); got {settings.synthetic_fraction}.")
+    transform = _augmentation(settings.augmentation, settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    synthetic_per_batch = (round(settings.batch_size * settings.synthetic_fraction)
+                           if synthetic is not None else 0)
+    real_per_batch = settings.batch_size - synthetic_per_batch
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = build_model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
+    loss_fn = DiceCELoss(sigmoid=True)
+    history: dict = {"loss": [], "val_dice": [], "best_step": None}
+    best_dice, best_state, stale = -1.0, None, 0
+
+    def draw(pool: tuple[torch.Tensor, torch.Tensor], count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.randint(len(pool[0]), (count,), generator=generator)
+        return pool[0][index], pool[1][index]
+
+    total = settings.max_steps
+    stage = progress.stage("train segmenter", total) if progress is not None else nullcontext(lambda n=1: None)
+    with stage as advance:
+        for step in range(1, total + 1):
+            batch_images, batch_masks = draw((images, masks), real_per_batch)
+            if synthetic_per_batch:
+                extra_images, extra_masks = draw(synthetic, synthetic_per_batch)
+                batch_images = torch.cat([batch_images, extra_images])
+                batch_masks = torch.cat([batch_masks, extra_masks])
+            batch_images, batch_masks = _augment(transform, batch_images, batch_masks)
+            model.train()
+            optimizer.zero_grad()
+            loss = loss_fn(model(batch_images.to(device)), batch_masks.to(device))
+            loss.backward()
+            optimizer.step()
+            history["loss"].append(float(loss.item()))
+            advance(1)
+            if validation is not None and (step % settings.validate_every == 0 or step == total):
+                dice = float(dice_per_image(predict(model, validation[0]), validation[1]).mean())
+                history["val_dice"].append([step, dice])
+                if dice > best_dice:
+                    best_dice, stale, history["best_step"] = dice, 0, step
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+                    if settings.patience and stale >= settings.patience:
+                        advance(total - step)
+                        break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), history
+
+
+ENCODER_BLOCKS = ("model.0", "model.1.submodule.0", "model.1.submodule.1.submodule.0",
+                  "model.1.submodule.1.submodule.1.submodule")
+
+
+@torch.no_grad()
+def encoder_features(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
+    """(N, 240): each encoder block's activations averaged inside the (resized) mask, a weight-free
+    feature space (the segmenter is trained here) for realism metrics such as KID."""
+    modules = dict(model.named_modules())
+    outputs: list[torch.Tensor] = []
+    hooks = [modules[name].register_forward_hook(lambda _m, _i, out: outputs.append(out))
+             for name in ENCODER_BLOCKS]
+    try:
+        predict(model, images, batch_size=len(images) or 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pooled = []
+    for activation in outputs:
+        region = F.interpolate(masks.float(), size=activation.shape[-2:], mode="area").to(activation.device)
+        pooled.append((activation * region).sum((2, 3)) / region.sum((2, 3)).clamp_min(1e-6))
+    return torch.cat(pooled, dim=1).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
+    """(N, 1, R, R) bool: the segmenter's foreground (sigmoid > 0.5)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(images[i:i + batch_size].to(device)).cpu() > 0 for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(images.shape, dtype=torch.bool)
+
+
+def dice_per_image(prediction: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """Dice of each image (N, 1, R, R); both empty -> 1.0, only one empty -> 0.0 (MONAI's DiceMetric
+    with ``ignore_empty=False``)."""
+    from monai.metrics import compute_dice
+
+    dice = compute_dice(prediction.float(), target.float(), include_background=True, ignore_empty=False)
+    return dice.reshape(-1).numpy().astype(np.float64)
+
+
+def hd95_per_image(prediction: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+    """95th-percentile Hausdorff distance in model pixels per image; NaN where either side is empty
+    (undefined)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    out = np.full(len(prediction), np.nan)
+    for i, (pred, truth) in enumerate(zip(prediction, target)):
+        if pred.any() and truth.any():
+            out[i] = float(compute_hausdorff_distance(pred[None].float(), truth[None].float(),
+                                                      include_background=True, percentile=95).item())
+    return out

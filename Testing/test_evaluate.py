@@ -1,0 +1,168 @@
+"""`meddiffft evaluate`: the protocol end to end (phantoms, and BUSI when present), determinism,
+resuming, the report's contents and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COMMON, SHARED_DATA, TRAIN_TINY
+from MedDiffFTLib.cli import run_command
+from MedDiffFTLib.errors import MedDiffFTError
+from MedDiffFTLib.evaluate import copy_paste_pairs, kid, memorization_rate
+
+SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
+# label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
+# and QA rightly rejects what a 4-step model paints
+RUN_TINY = ["--run-args", " ".join(TRAIN_TINY[2:] + ["--sampling-steps", "2", "--mask-source", "label",
+                                                      "--qa", "off"]),
+            "--synthetic-per-real", "1"]
+BUSI = SHARED_DATA / "BUSI"
+
+
+def phantom_csv(directory, count: int, name: str, start: int = 0):
+    """A CSV of ``count`` ultrasound-like phantom PNG cases (distinct seeds from ``start``)."""
+    from PIL import Image
+
+    from MedDiffFTLib.phantom import ultrasound_phantom
+
+    directory.mkdir(exist_ok=True)
+    rows = ["image,label"]
+    for seed in range(start, start + count):
+        image, mask = ultrasound_phantom(seed=seed, size=48)
+        Image.fromarray(image).save(directory / f"case{seed}.png")
+        Image.fromarray(mask).save(directory / f"case{seed}_mask.png")
+        rows.append(f"case{seed}.png,case{seed}_mask.png")
+    (directory / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    return directory / f"{name}.csv"
+
+
+@pytest.fixture
+def split(tmp_path):
+    return phantom_csv(tmp_path / "data", 5, "train"), phantom_csv(tmp_path / "data", 2, "test", start=10)
+
+
+def evaluate(split, out, *extra):
+    train, test = split
+    return run_command(["evaluate", "--train", train, "--test", test, "--out", out, "--k", "2", "--seeds", "2",
+                        *SEG_TINY, *RUN_TINY, *COMMON, *extra])
+
+
+def numbers(report: dict) -> dict:
+    """The report without timings and memory (which vary run to run)."""
+    return {key: value for key, value in report.items() if key != "timings"}
+
+
+def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
+    done = evaluate(split, tmp_path / "a", "--arms", "real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    for name in ("report.md", "dice_per_seed.png", "samples_grid.png", "loss_curves.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    for arm in ("real_only", "real_plus_synthetic", "real_no_aug", "real_plus_copy_paste"):
+        assert [row["seed"] for row in report[arm]["per_seed"]] == [0, 1]
+        assert report[arm]["dice_mean"] == pytest.approx(np.mean([row["dice"] for row in report[arm]["per_seed"]]))
+    deltas = [b["dice"] - a["dice"] for a, b in zip(report["real_only"]["per_seed"],
+                                                    report["real_plus_synthetic"]["per_seed"])]
+    assert report["delta_dice_mean"] == pytest.approx(np.mean(deltas))
+    assert report["delta_dice_sd"] == pytest.approx(np.std(deltas, ddof=1))
+    assert done["delta_dice_mean"] == report["delta_dice_mean"]
+    for key in ("paired_p_value", "frd", "kid", "faithfulness_ratio", "memorization_rate", "settings", "timings"):
+        assert key in report
+    assert report["background_preservation"] == 1.0  # compact backbone: exact outside mask + seam
+    assert report["settings"]["unlabeled_pool_used"] is True and report["settings"]["k"] == 2
+    subsets = [json.loads((tmp_path / "a" / f"seed_{s}" / "subset.json").read_text()) for s in (0, 1)]
+    assert subsets[0]["labeled"] != subsets[1]["labeled"]  # a different K-subset per seed
+    for subset in subsets:
+        assert not set(subset["labeled"]) & set(subset["validation"])
+        assert not set(subset["labeled"] + subset["validation"]) & set(subset["unlabeled"])
+    again = evaluate(split, tmp_path / "b", "--arms", "real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
+    assert numbers(json.loads((tmp_path / "b" / "report.json").read_text())) | {"settings": None} == \
+        numbers(report) | {"settings": None}
+    assert again["delta_dice_mean"] == done["delta_dice_mean"]
+
+
+def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path):
+    out = tmp_path / "run"
+    evaluate(split, out)
+    first = json.loads((out / "report.json").read_text())
+    (out / "seed_1" / "real_plus_synthetic.json").unlink()   # as if stopped during the last unit
+    (out / "report.json").unlink()
+    generated = (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns
+    events = []
+    run_command(["evaluate", "--train", split[0], "--test", split[1], "--out", out, "--k", "2", "--seeds", "2",
+                 *SEG_TINY, *RUN_TINY, *COMMON], on_progress=events.append)
+    assert (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns == generated
+    assert numbers(json.loads((out / "report.json").read_text())) == numbers(first)
+    stages = {event["stage"] for event in events if "stage" in event}
+    assert stages == {"evaluate"}  # one bar over the whole run
+    trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
+    evaluate(split, out, "--seg-epochs", "3")  # new segmenter inputs: the arms are redone, not the generation
+    assert (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns == generated
+    assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
+    assert len(json.loads((out / "seed_0" / "real_only.json").read_text())["history"]["loss"]) == 3 * 2 // 2
+
+
+def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
+    train, test = split
+    missing = tmp_path / "data" / "missing.csv"
+    missing.write_text("image,label\ncase0.png,case0_mask.png\nnothere.png,case1_mask.png\n")
+    with pytest.raises(MedDiffFTError, match=r"--train CSV row 3: file .*nothere.png not found; fix the path"):
+        evaluate((missing, test), tmp_path / "out")
+    with pytest.raises(MedDiffFTError, match=r"--k 5 plus 1 validation cases needs 6 training cases, but the "
+                                             r"training set has 5; lower --k"):
+        run_command(["evaluate", "--train", train, "--test", test, "--out", tmp_path / "out", "--k", "5",
+                     *SEG_TINY, *COMMON])
+    copy = tmp_path / "data" / "copy.png"
+    shutil.copy(tmp_path / "data" / "case3.png", copy)
+    overlapping = tmp_path / "data" / "overlap.csv"
+    overlapping.write_text("image,label\ncopy.png,case3_mask.png\n")
+    with pytest.raises(MedDiffFTError, match=r"Test case .*copy.png is also a training case \(.*case3.png\); "
+                                             r"the test cases must be disjoint"):
+        evaluate((train, overlapping), tmp_path / "out")
+    with pytest.raises(MedDiffFTError, match=r"Unknown arm 'more'; use some of real_no_aug, real_only"):
+        evaluate(split, tmp_path / "out", "--arms", "real_only,more")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(MedDiffFTError, match=r"--out .*out is not empty and holds no evaluation"):
+        evaluate(split, tmp_path / "out")
+
+
+def test_copy_paste_memorization_and_kid_on_hand_made_data():
+    images = torch.zeros(2, 1, 8, 8)
+    masks = torch.zeros(2, 1, 8, 8)
+    images[0, 0, 2:4, 2:4], masks[0, 0, 2:4, 2:4] = 0.9, 1
+    images[1] = 0.2
+    pasted_images, pasted_masks = copy_paste_pairs(images, masks, 1, seed=0)
+    assert torch.equal(pasted_masks[0], masks[0])
+    assert float(pasted_images[0, 0, 2, 2]) == pytest.approx(0.9) and float(pasted_images[0, 0, 0, 0]) == pytest.approx(0.2)
+    textured = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    lesions = torch.zeros(3, 1, 16, 16)
+    lesions[:, :, 4:12, 4:12] = 1
+    assert memorization_rate((textured[:1], lesions[:1]), (textured, lesions)) == 1.0
+    assert memorization_rate((1 - textured[:1], lesions[:1]), (textured[:1], lesions[:1])) == 0.0
+    features = np.random.default_rng(0).normal(size=(400, 4))
+    assert abs(kid(features[:200], features[200:])) < 0.01 < 1.0 < kid(features, features + 1.0)
+
+
+@pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")
+def test_busi_end_to_end_with_k4_and_one_seed(tmp_path):
+    def rows(numbers):
+        folder = BUSI / "benign"
+        return "image,label\n" + "".join(f"{folder}/images/benign ({i}).png,{folder}/mask/benign ({i})_mask.png\n"
+                                         for i in numbers)
+
+    # single-lesion cases only (a case with extra _mask_1 files would need its masks merged)
+    (tmp_path / "train.csv").write_text(rows([1, 2, 3, 5, 6, 7]))
+    (tmp_path / "test.csv").write_text(rows([8, 9]))
+    run_command(["evaluate", "--train", tmp_path / "train.csv", "--test", tmp_path / "test.csv",
+                 "--out", tmp_path / "out", "--k", "4", "--seeds", "1", *SEG_TINY, *RUN_TINY, *COMMON])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["real_only"]["per_seed"]) == 1 and report["settings"]["test_cases"] == 2
+    assert 0.0 <= report["real_plus_synthetic"]["dice_mean"] <= 1.0
+    assert report["settings"]["unlabeled_pool_used"] is True  # 6 - 4 labeled - 1 validation = 1 unlabeled
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# MedDiffFT evaluation")

@@ -1,0 +1,295 @@
+"""The stochastic mask generator: new, placed, reproducible lesions (2D and coherent 3D), the
+`masks` command, and its place in `meddiffft run`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import COMMON, SAMPLE_TINY, SHARED_DATA, TRAIN_TINY, geometry, read, write_volume
+from PIL import Image
+from scipy import ndimage
+
+from MedDiffFTLib.caseio import read_case
+from MedDiffFTLib.cli import run_command
+from MedDiffFTLib.backbone import load_model
+from MedDiffFTLib.errors import MedDiffFTError, PlacementError
+from MedDiffFTLib.generate import SampleSettings, generate_samples
+from MedDiffFTLib.mask_generator import (GeneratorMaskSource, GeometryBounds, MaskGenerator,
+                                         MaskTrainSettings, train_mask_generator)
+from MedDiffFTLib.masks import Proposal
+from MedDiffFTLib.phantom import ultrasound_phantom
+from MedDiffFTLib.progress import Progress
+
+TINY_MASKS = MaskTrainSettings(steps=20, resolution=16, batch_size=4)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def train(cases, folder) -> MaskGenerator:
+    train_mask_generator(cases, folder / "mask_generator", axis="auto", settings=TINY_MASKS,
+                         device=torch.device("cpu"), progress=Progress())
+    return MaskGenerator.load(folder, torch.device("cpu"))
+
+
+def real_area_range(cases) -> tuple[float, float]:
+    """The real lesions' largest-slice areas, widened by the default slack."""
+    areas = [c.foreground.sum(axis=(1, 2)).max() for c in cases]
+    slack = GeometryBounds().area_slack
+    return min(areas) / slack, max(areas) * slack
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Three ultrasound-like phantoms (96 px) and a mask generator trained on their lesions."""
+    folder = tmp_path_factory.mktemp("pictures")
+    cases = []
+    for seed in range(3):
+        image, mask = ultrasound_phantom(seed=seed, size=96)
+        Image.fromarray(image).save(folder / f"us{seed}.png")
+        Image.fromarray(mask).save(folder / f"us{seed}_mask.png")
+        cases.append(read_case(str(folder / f"us{seed}.png"), str(folder / f"us{seed}_mask.png")))
+    region = np.zeros((96, 96), np.uint8)
+    region[10:90, 40:92] = 255  # the right part of the image
+    Image.fromarray(region).save(folder / "region.png")
+    return cases, train(cases, folder / "model"), folder / "region.png"
+
+
+def test_new_masks_are_novel_placed_sized_and_reproducible(pictures):
+    cases, generator, region_path = pictures
+    source = GeneratorMaskSource(generator, str(region_path))
+    region = np.asarray(Image.open(region_path)) > 0
+    low, high = real_area_range(cases)
+    case = cases[0]
+    masks = []
+    for seed in range(6):
+        proposal = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+        new = proposal.foreground[0]
+        assert ndimage.label(new)[1] == 1 and np.array_equal(new, ndimage.binary_fill_holes(new))
+        assert (new <= region).all()  # inside the allowed region ...
+        margin = max(2, round(GeometryBounds().margin * 96))
+        assert not new[:margin].any() and not new[-margin:].any()  # ... and away from the border
+        assert not new[:, :margin].any() and not new[:, -margin:].any()
+        assert low <= new.sum() <= high and proposal.details["area_px"] == new.sum()
+        assert all(iou(new, c.foreground[0]) < 0.95 for c in cases)
+        assert proposal.details["max_training_iou"] < 0.95
+        assert np.array_equal(proposal.label, np.where(new, 255, 0)[None])  # old lesion gone, value kept
+        again = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+        assert np.array_equal(again.label, proposal.label) and again.details == proposal.details
+        masks.append(new)
+    assert all(not np.array_equal(a, b) for i, a in enumerate(masks) for b in masks[i + 1:])
+
+
+def ellipsoid_volume(seed: int, shape=(14, 48, 44)) -> tuple[np.ndarray, np.ndarray]:
+    """A bright organ in a dark field with a dark ellipsoid lesion spanning 7 slices."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]].astype(float)
+    organ = ((yy - 24) / 20) ** 2 + ((xx - 22) / 19) ** 2 < 1
+    lesion = ((zz - 6) / 3.6) ** 2 + ((yy - 20 - seed) / 7) ** 2 + ((xx - 18) / (5 + seed)) ** 2 < 1
+    image = (50 + 350 * organ - 200 * lesion + 20 * rng.standard_normal(shape)).astype(np.int16)
+    return image, lesion.astype(np.uint8)
+
+
+def assert_coherent(new: np.ndarray) -> np.ndarray:
+    """One 3D lesion over consecutive slices (axis 0), one piece per slice; away from its thin
+    ends (slices under 10 % of the largest), each slice overlaps the next by IoU >= 0.3 and has at
+    most 3x its area (real hippocampi: 0.42-0.85 and 2.2x there). Returns the slices holding it."""
+    assert ndimage.label(new)[1] == 1  # no isolated fragments
+    held = np.flatnonzero(new.any(axis=(1, 2)))
+    assert np.array_equal(held, np.arange(held[0], held[-1] + 1))
+    assert all(ndimage.label(new[z])[1] == 1 for z in held)
+    areas = new.sum(axis=(1, 2))
+    for a, b in zip(held[:-1], held[1:]):
+        if min(areas[a], areas[b]) >= 0.1 * areas.max():
+            assert iou(new[a], new[b]) >= 0.3
+            assert max(areas[a], areas[b]) <= 3 * min(areas[a], areas[b])
+    return held
+
+
+def test_volume_lesions_are_coherent_in_3d(tmp_path):
+    cases = []
+    for seed in range(2):
+        image, label = ellipsoid_volume(seed)
+        cases.append(read_case(str(write_volume(image, tmp_path / f"v{seed}.nrrd", spacing=(1, 1, 3))),
+                               str(write_volume(label, tmp_path / f"v{seed}_label.nrrd", spacing=(1, 1, 3)))))
+    source = GeneratorMaskSource(train(cases, tmp_path / "model"))
+    case = cases[0]
+    organ = ((np.mgrid[0:48, 0:44][0] - 24) / 20) ** 2 + ((np.mgrid[0:48, 0:44][1] - 22) / 19) ** 2 < 1
+    low, high = real_area_range(cases)
+    for seed in range(4):
+        proposal = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+        new = proposal.foreground
+        held = assert_coherent(new)
+        assert 4 <= len(held) <= 7  # the real lesions span 7 slices; the thin ends may vanish
+        assert low <= new.sum(axis=(1, 2)).max() <= high
+        assert (new <= organ[None]).all()  # default allowed region: the body (the organ)
+
+
+def test_allowed_region_segment_and_healed_label(tmp_path):
+    """A label with an organ (2) holding the lesion (1): lesions go into the organ segment, and the
+    old lesion's place becomes organ again."""
+    image, lesion = ellipsoid_volume(0)
+    organ = ellipsoid_volume(0)[0] > 200
+    label = np.where(lesion > 0, 1, np.where(organ, 2, 0)).astype(np.uint8)
+    case = read_case(str(write_volume(image, tmp_path / "v.nrrd", spacing=(1, 1, 3))),
+                     str(write_volume(label, tmp_path / "v_label.nrrd", spacing=(1, 1, 3))), segment="1")
+    source = GeneratorMaskSource(train([case], tmp_path / "model"), "2")
+    organ_only = label == 2
+    for seed in range(2):
+        proposal = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+        new = proposal.foreground
+        assert (new <= organ_only).all() and (proposal.label[new] == 1).all()
+        healed = (label == 1) & ~new
+        assert healed.any() and (proposal.label[healed] == 2).all()
+        assert np.array_equal(proposal.label[~new & (label != 1)], label[~new & (label != 1)])
+
+
+def test_run_masks_command_and_erosion(tmp_path, volume_case):
+    image_path, label_path = volume_case(".nrrd")
+    run_command(["run", "--image", image_path, "--label", label_path, "--out", tmp_path / "run",
+                 *TRAIN_TINY, *SAMPLE_TINY, *COMMON])
+    model = tmp_path / "run" / "model"
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    card = json.loads((model / "meddiffft.json").read_text())
+    assert card["mask_generator"]["steps"] == 2 and (model / "mask_generator" / "unet").is_dir()
+    for entry in manifest["samples"]:
+        assert entry["mask_source"] == "generator" and entry["erode"]["mode"] == "auto"
+        assert isinstance(entry["mask_seed"], int) and entry["max_training_iou"] < 0.95
+        assert (sitk.GetArrayFromImage(read(tmp_path / "run" / entry["label"])) > 0).any()
+    # the masks command: K masks with the case's exact geometry, equal to the guide masks that
+    # `sample` paints with the same seeds (with --erode 0 its label is the guide mask)
+    result = run_command(["masks", "--model", model, "--image", image_path, "--label", label_path,
+                          "--n", "3", "--out", tmp_path / "masks", *COMMON])
+    assert result["masks"] == 3
+    masks = json.loads((tmp_path / "masks" / "manifest.json").read_text())["masks"]
+    assert [m["label"] for m in masks] == ["mask_001.nrrd", "mask_002.nrrd", "mask_003.nrrd"]
+    run_command(["sample", "--model", model, "--image", image_path, "--label", label_path, "--out",
+                 tmp_path / "sample", "--erode", "0", *SAMPLE_TINY, *COMMON])
+    samples = json.loads((tmp_path / "sample" / "manifest.json").read_text())["samples"]
+    source = read(label_path)
+    for mask, sample in zip(masks, samples):
+        written = read(tmp_path / "masks" / mask["label"])
+        assert geometry(written)[:4] == geometry(source)[:4]
+        guide = sitk.GetArrayFromImage(written)
+        assert np.array_equal(guide, sitk.GetArrayFromImage(read(tmp_path / "sample" / sample["label"])))
+        assert mask["mask_seed"] == sample["mask_seed"] and sample["erode"]["removed_px"] == 0
+
+
+def test_eroded_label_is_a_non_empty_subset_of_the_guide(pictures):
+    from MedDiffFTLib.corrosion import erode_label
+
+    cases, generator, _ = pictures
+    source = GeneratorMaskSource(generator)
+    case = cases[1]
+    for seed in range(3):
+        guide = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+        label, eroded, details = erode_label(guide.label, guide.foreground, 0, "2")
+        assert eroded.any() and (eroded <= guide.foreground).all() and eroded.sum() < guide.foreground.sum()
+        assert np.array_equal(label > 0, eroded) and details["radius_px"] == [2]
+
+
+def test_missing_generator_and_misplaced_options_name_the_fix(tmp_path, picture_case):
+    image_path, label_path = picture_case
+    run_command(["finetune", "--image", image_path, "--label", label_path, "--model-out", tmp_path / "m",
+                 *TRAIN_TINY, "--mask-steps", "0", "--qa", "off", *COMMON])
+    sample = ["sample", "--model", tmp_path / "m", "--image", image_path, "--label", label_path,
+              "--out", tmp_path / "out", *SAMPLE_TINY, *COMMON]
+    with pytest.raises(MedDiffFTError, match=r"has no mask generator \(a model from `meddiffft pretrain` "
+                                             r"or fine-tuned with --mask-steps 0\): fine-tune it"):
+        run_command(sample)
+    with pytest.raises(MedDiffFTError, match=r"--allowed-region places generated lesions \(--mask-source "
+                                             r"generator\); with --mask-source label drop it\."):
+        run_command([*sample, "--mask-source", "label", "--allowed-region", label_path])
+    with pytest.raises(MedDiffFTError, match=r"--mask-resolution 30: use a multiple of 4"):
+        run_command(["finetune", "--image", image_path, "--label", label_path, "--model-out",
+                     tmp_path / "m2", *TRAIN_TINY, "--mask-resolution", "30", *COMMON])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m2" / "meddiffft.json").exists()
+
+
+def test_a_lesion_that_cannot_be_placed_rejects_its_sample_and_no_sample_at_all_is_an_error(tmp_path, picture_case):
+    """A sample whose new lesion finds no place is listed as rejected with the reason; when no
+    sample is left the run fails with the reasons, and writes nothing."""
+    image_path, label_path = picture_case
+    run_command(["finetune", "--image", image_path, "--label", label_path, "--model-out", tmp_path / "m",
+                 *TRAIN_TINY, "--qa", "off", *COMMON])
+    tiny_region = np.zeros((96, 96), np.uint8)
+    tiny_region[40:43, 40:43] = 255  # far smaller than any real lesion
+    Image.fromarray(tiny_region).save(tmp_path / "tiny.png")
+    with pytest.raises(MedDiffFTError, match=r"No sample was kept: all 2 were rejected \(The mask generator "
+                                             r"could not place a new lesion"):
+        run_command(["sample", "--model", tmp_path / "m", "--image", image_path, "--label", label_path,
+                     "--allowed-region", tmp_path / "tiny.png", "--out", tmp_path / "out", *SAMPLE_TINY, *COMMON])
+    assert not (tmp_path / "out").exists()
+
+    kept, rejected = generate_samples(*load_model(tmp_path / "m", torch.device("cpu")), read_case(str(image_path), str(label_path)),
+                                      settings=SampleSettings(samples=2, sampling_steps=2), progress=Progress(),
+                                      mask_source=UnplaceableFirst())
+    assert [s.seed for s in kept] == [1]
+    assert rejected == [{"seed": 0, "source_image": str(image_path), "reason": "no room for seed 0"}]
+
+
+class UnplaceableFirst:
+    """The case's own label, except that the first sample finds no room."""
+
+    name = "label"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def propose(self, label, foreground, axis, rng, background):
+        self.calls += 1
+        if self.calls == 1:
+            raise PlacementError("no room for seed 0")
+        return Proposal(label.copy(), foreground.copy(), {})
+
+
+HIPPOCAMPUS = SHARED_DATA / "MSD-Task04-Hippocampus"
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real data not present at {HIPPOCAMPUS}")
+def test_hippocampus_generated_lesions_are_coherent(tmp_path):
+    def case(n):
+        name = f"hippocampus_{n:03d}.nii.gz"
+        return read_case(str(HIPPOCAMPUS / "imagesTr" / name), str(HIPPOCAMPUS / "labelsTr" / name))
+
+    training = [case(1), case(3)]
+    target = case(4)
+    # the crops hold little besides the hippocampus: allow the whole crop (minus the border margin)
+    reference = sitk.ReadImage(target.image_path)
+    whole = sitk.GetImageFromArray(np.ones(target.foreground.shape, np.uint8))
+    whole.CopyInformation(reference)
+    sitk.WriteImage(whole, str(tmp_path / "whole.nii.gz"))
+    source = GeneratorMaskSource(train(training, tmp_path), str(tmp_path / "whole.nii.gz"))
+    low, high = real_area_range(training)
+    for seed in range(2):
+        proposal = source.propose(target.label, target.foreground, 0, np.random.default_rng(seed), target)
+        new = proposal.foreground
+        held = assert_coherent(new)
+        assert iou(new, target.foreground) < 0.95
+        assert low <= new.sum(axis=(1, 2)).max() <= high
+        assert 20 <= len(held) <= 28  # the real hippocampi span 25 and 26 slices
+
+
+BUSI = SHARED_DATA / "BUSI" / "benign"
+
+
+@pytest.mark.skipif(not BUSI.is_dir(), reason=f"real data not present at {BUSI}")
+def test_busi_masks_land_in_the_body_and_differ_from_the_real_ones(tmp_path):
+    def case(n):
+        return read_case(str(BUSI / "images" / f"benign ({n}).png"), str(BUSI / "mask" / f"benign ({n})_mask.png"))
+
+    training = [case(n) for n in (1, 2, 3)]
+    source = GeneratorMaskSource(train(training, tmp_path))
+    target = case(6)
+    body = source.region(target)
+    low, high = real_area_range(training)
+    for seed in range(3):
+        new = source.propose(target.label, target.foreground, 0, np.random.default_rng(seed), target).foreground
+        assert (new <= body).all() and body.mean() > 0.3
+        assert low <= new.sum() <= high and iou(new, target.foreground) < 0.95
+

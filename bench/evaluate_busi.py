@@ -1,0 +1,101 @@
+"""Benchmark `meddiffft evaluate` on BUSI (benign + malignant) from ../shared/data.
+
+Split: duplicates (same file content) removed, images with several mask files get their masks
+merged (union, written under WORK/masks/), then a fixed random 60-image test set (30 benign, 30
+malignant) and the rest as the training pool. Arms: real only with strong augmentation (a), the same
++ synthetic pairs (b), real without strong augmentation (a0) and real + copy-paste pairs (c).
+
+Usage (a run folder is resumable; a larger --seeds reuses finished seeds):
+  nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BUSI = ROOT.parent / "shared" / "data" / "BUSI"
+
+
+def busi_cases(work: Path) -> list[tuple[str, str, str]]:
+    """(image, merged mask, class) for every benign/malignant image, duplicates dropped."""
+    from PIL import Image
+
+    (work / "masks").mkdir(parents=True, exist_ok=True)
+    seen, cases = set(), []
+    for kind in ("benign", "malignant"):
+        for image in sorted((BUSI / kind / "images").glob("*.png")):
+            key = hashlib.sha256(image.read_bytes()).hexdigest()
+            if key in seen:
+                continue
+            seen.add(key)
+            masks = sorted((BUSI / kind / "mask").glob(f"{image.stem}_mask*.png"))
+            if not masks:
+                continue
+            merged = work / "masks" / f"{image.stem}_mask.png"
+            if not merged.exists():
+                union = np.zeros(Image.open(masks[0]).size[::-1], bool)
+                for mask in masks:
+                    plane = np.asarray(Image.open(mask))
+                    union |= (plane.max(axis=-1) if plane.ndim == 3 else plane) > 0
+                Image.fromarray(union.astype(np.uint8) * 255).save(merged)
+            cases.append((str(image), str(merged), kind))
+    return cases
+
+
+def write_split(work: Path, test_per_class: int) -> tuple[Path, Path]:
+    cases = busi_cases(work)
+    rng = np.random.default_rng(12345)
+    test = []
+    for kind in ("benign", "malignant"):
+        rows = [case for case in cases if case[2] == kind]
+        test += [rows[i] for i in rng.permutation(len(rows))[:test_per_class]]
+    train = [case for case in cases if case not in test]
+    for name, rows in (("train", train), ("test", test)):
+        (work / f"{name}.csv").write_text("image,label\n" + "".join(f"{i},{m}\n" for i, m, _ in rows))
+    print(f"BUSI split: {len(train)} training-pool cases, {len(test)} test cases", flush=True)
+    return work / "train.csv", work / "test.csv"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/busi_eval")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds in parallel processes (--first-seed S --seeds 1 each), then once more "
+                             "with all seeds to collect them into one report")
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--test-per-class", type=int, default=30)
+    parser.add_argument("--resolution", type=int, default=64, help="segmenter px")
+    parser.add_argument("--seg-epochs", type=int, default=600)
+    parser.add_argument("--run-args", default="--resolution 64 --train-steps 400 --pretrain-steps 200 "
+                                              "--samples 4 --qa-keep 2")
+    parser.add_argument("--arms", default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
+    parser.add_argument("--unlabeled-pool", default="on", choices=("on", "off"))
+    args = parser.parse_args()
+    from MedDiffFTLib.cli import main as cli_main
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train, test = write_split(work, args.test_per_class)
+    argv = ["evaluate", "--train", str(train), "--test", str(test), "--out", str(work / "run"),
+            "--k", str(args.k), "--seeds", str(args.seeds), "--seed", str(args.first_seed), "--validation-cases", "20",
+            "--resolution", str(args.resolution), "--seg-epochs", str(args.seg_epochs),
+            "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
+            "--unlabeled-pool", args.unlabeled_pool, "--device", "cpu"]
+    print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
+    started = time.monotonic()
+    code = cli_main(argv)
+    print(f"exit {code} after {time.monotonic() - started:.0f} s; report: {work / 'run' / 'report.md'}", flush=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
