@@ -48,6 +48,7 @@ class MedDiffFTParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     inputSegmentation: vtkMRMLSegmentationNode
     segmentIds: list[str]  # synced by hand: there is no connector for qMRMLSegmentSelectorWidget
+    allowedRegionSegmentId: str  # synced by hand, like segmentIds; empty: the body
     mode: Mode = Mode.FINETUNE_AND_GENERATE
     modelFolder: Path
     samples: Annotated[int, WithinRange(1, 64)] = 4
@@ -56,6 +57,12 @@ class MedDiffFTParameterNode:
     samplingSteps: Annotated[int, WithinRange(1, 1000)] = 25
     resolution: Annotated[int, WithinRange(16, 1024)] = 64
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    backbone: Annotated[str, Choice(["compact", "sd-inpaint"])] = "compact"
+    baseModel: str = ""
+    guidanceScale: Annotated[float, WithinRange(1.0, 20.0)] = 3.0
+    maskSource: Annotated[str, Choice(["generator", "jitter", "label"])] = "generator"
+    qa: bool = True
+    erode: str = "auto"
 
 
 def modelDirOf(parameters: MedDiffFTParameterNode) -> Path | None:
@@ -115,9 +122,19 @@ class MedDiffFTLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Choose a model folder: fine-tuning writes the model there and generating reads it."))
         volume, segmentation = parameters.inputVolume, parameters.inputSegmentation
         segmentIds = list(parameters.segmentIds) or None
-        common = {"seed": parameters.seed, "device": parameters.device}
-        training = {**common, "train_steps": parameters.trainSteps, "resolution": parameters.resolution}
-        sampling = {**common, "samples": parameters.samples, "sampling_steps": parameters.samplingSteps}
+        common = {"seed": parameters.seed, "device": parameters.device, "qa": "on" if parameters.qa else "off"}
+        training = {**common, "train_steps": parameters.trainSteps, "resolution": parameters.resolution, "backbone": parameters.backbone}
+        if parameters.backbone == "sd-inpaint":
+            training["base_model"] = parameters.baseModel
+        sampling = {
+            **common,
+            "samples": parameters.samples,
+            "sampling_steps": parameters.samplingSteps,
+            "guidance_scale": parameters.guidanceScale,
+            "mask_source": parameters.maskSource,
+            "erode": parameters.erode,
+            "allowed_region": parameters.allowedRegionSegmentId or None,
+        }  # fmt: skip
         jobs = []
         try:
             if modelDir is not None and parameters.mode != Mode.GENERATE:

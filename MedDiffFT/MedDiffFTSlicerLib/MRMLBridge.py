@@ -124,11 +124,24 @@ def prepareGenerate(
     options: dict | None = None,
     outputFolderName: str | None = None,
 ) -> Job:
-    """Exports the inputs of ``generate`` and returns the job that runs and loads it."""
+    """Exports the inputs of ``generate`` and returns the job that runs and loads it.
+
+    ``options["allowed_region"]`` may name a segment ID of ``segmentationNode`` (e.g. the organ):
+    that segment is exported as a mask file for ``--allowed-region`` and is not a lesion segment.
+    """
+    options = dict(options or {})
+    regionId = options.get("allowed_region")
+    isRegionSegment = regionId is not None and segmentationNode is not None and regionId in segmentationNode.GetSegmentation().GetSegmentIDs()
+    if isRegionSegment and segmentIds is None:
+        segmentIds = [i for i in segmentationNode.GetSegmentation().GetSegmentIDs() if i != regionId]
     selectedIds = _selectedSegmentIds(volumeNode, segmentationNode, segmentIds)
+    if isRegionSegment and regionId in selectedIds:
+        raise ValueError(f"Segment '{regionId}' cannot be both a lesion to synthesize and the allowed region.")
     command = ["run"] if modelDir is None else ["sample", "--model", str(modelDir)]
     with _workDirectory() as workDir:
         imagePath, labelPath = _exportCase(volumeNode, segmentationNode, selectedIds, workDir / "case1")
+        if isRegionSegment:
+            options["allowed_region"] = _exportLabelmap(volumeNode, segmentationNode, [regionId], workDir / "case1" / "allowed.nrrd")
     arguments = [
         *command,
         "--image", str(imagePath),
@@ -219,14 +232,19 @@ def _workDirectory() -> Iterator[Path]:
 
 
 def _exportCase(volumeNode, segmentationNode, segmentIds: list[str], caseDir: Path) -> tuple[Path, Path]:
-    """Writes the volume and a labelmap of the segments on the volume's grid, as NRRD.
+    """Writes the volume and a labelmap of the segments on the volume's grid, as NRRD."""
+    caseDir.mkdir(parents=True)
+    imagePath = caseDir / "image.nrrd"
+    _writeVolume(volumeNode, imagePath)
+    return imagePath, _exportLabelmap(volumeNode, segmentationNode, segmentIds, caseDir / "label.nrrd")
+
+
+def _exportLabelmap(volumeNode, segmentationNode, segmentIds: list[str], labelPath: Path) -> Path:
+    """Writes a labelmap NRRD of the segments on the volume's grid.
 
     The labelmap holds value ``i + 1`` where ``segmentIds[i]`` is: a color table whose only entry
     is named like no segment makes ``ExportSegmentsToLabelmapNode`` number them in that order.
     """
-    caseDir.mkdir(parents=True)
-    imagePath, labelPath = caseDir / "image.nrrd", caseDir / "label.nrrd"
-    _writeVolume(volumeNode, imagePath)
     scratchScene = slicer.vtkMRMLScene()  # keeps temporary nodes out of the user's scene
     labelmapNode = scratchScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     colorTable = scratchScene.AddNewNodeByClass("vtkMRMLColorTableNode")
@@ -248,7 +266,7 @@ def _exportCase(volumeNode, segmentationNode, segmentIds: list[str], caseDir: Pa
             f"onto the grid of '{volumeNode.GetName()}'."
         )
     _writeVolume(labelmapNode, labelPath)
-    return imagePath, labelPath
+    return labelPath
 
 
 @contextmanager

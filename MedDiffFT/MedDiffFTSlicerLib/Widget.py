@@ -40,6 +40,7 @@ class MedDiffFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentSelectorChanged)
         self.ui.segmentSelector.connect("segmentSelectionChanged(QStringList)", self.onSegmentSelectorChanged)
+        self.ui.allowedRegionSelector.connect("currentSegmentChanged(QString)", self.onSegmentSelectorChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.initializeParameterNode()
 
@@ -92,12 +93,16 @@ class MedDiffFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onParameterNodeModified()
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
-        """Shows the segment selection of the parameter node and which actions are possible."""
-        segmentSelector = self.ui.segmentSelector
-        wasBlocked = segmentSelector.blockSignals(True)
+        """Shows the segment selections of the parameter node and which actions are possible."""
+        segmentSelector, regionSelector = self.ui.segmentSelector, self.ui.allowedRegionSelector
+        wasBlocked = segmentSelector.blockSignals(True), regionSelector.blockSignals(True)
         segmentSelector.setCurrentNode(self._parameterNode.inputSegmentation)
         segmentSelector.setSelectedSegmentIDs(list(self._parameterNode.segmentIds))
-        segmentSelector.blockSignals(wasBlocked)
+        regionSelector.setCurrentNode(self._parameterNode.inputSegmentation)  # a segment of the same segmentation
+        regionSelector.setCurrentSegmentID(self._parameterNode.allowedRegionSegmentId)
+        segmentSelector.blockSignals(wasBlocked[0])
+        regionSelector.blockSignals(wasBlocked[1])
+        self.ui.baseModelLineEdit.enabled = self.ui.guidanceScaleSpinBox.enabled = self._parameterNode.backbone == "sd-inpaint"
         self.updateApplyButton()
 
     def onSegmentSelectorChanged(self, *unused) -> None:
@@ -108,6 +113,7 @@ class MedDiffFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.NodeModify(self._parameterNode):
             self._parameterNode.inputSegmentation = segmentation
             self._parameterNode.segmentIds = segmentIds
+            self._parameterNode.allowedRegionSegmentId = self.ui.allowedRegionSelector.currentSegmentID() or ""
 
     def updateApplyButton(self) -> None:
         """Apply while idle (enabled once the inputs are complete), Cancel while running."""
@@ -127,6 +133,10 @@ class MedDiffFTWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return _("Select a segmentation.")
         if parameters.mode != Mode.FINETUNE_AND_GENERATE and modelDirOf(parameters) is None:
             return _("Choose a model folder.")
+        if parameters.mode != Mode.GENERATE and parameters.backbone == "sd-inpaint" and not parameters.baseModel:
+            return _("Give the base model (a folder or hub id) to fine-tune.")
+        if parameters.allowedRegionSegmentId in parameters.segmentIds:
+            return _("The allowed region cannot also be a segment to synthesize.")
         return ""
 
     def onApplyButton(self) -> None:
