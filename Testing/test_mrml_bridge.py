@@ -213,20 +213,20 @@ def test_allowed_region_segment_confines_new_lesions(case, workRoot):
 
 
 @pytest.mark.parametrize(
-    "segmentIds, kwargs, error",
+    "segmentIds, kwargs, error, message",
     [
-        (["empty"], {}, MedDiffFTError),  # the library refuses an empty label
-        (["lesion"], {"cancel": lambda: True}, Cancelled),
-        (["missing"], {}, ValueError),
+        (["empty"], {}, ValueError, r"Segment\(s\) 'Empty' of 'Segmentation' are empty on the grid of 'CT': draw the lesion"),
+        (["lesion"], {"cancel": lambda: True}, Cancelled, "Cancelled by the user"),
+        (["missing"], {}, ValueError, "'Segmentation' has no segment with ID missing"),
     ],
     ids=["empty-segment", "cancel", "unknown-segment"],
 )
-def test_failure_or_cancel_adds_nothing(case, workRoot, segmentIds, kwargs, error):
+def test_failure_or_cancel_adds_nothing(case, workRoot, segmentIds, kwargs, error, message):
     scene, volumeNode, segmentationNode, shNode, _ = case
     segmentationNode.GetSegmentation().AddEmptySegment("empty", "Empty", (0.0, 1.0, 0.0))
     before, nodeCount, itemCount = snapshot(volumeNode, segmentationNode), scene.GetNumberOfNodes(), shNode.GetNumberOfItems()
 
-    with pytest.raises(error):
+    with pytest.raises(error, match=message):
         MRMLBridge.generate(volumeNode, segmentationNode, segmentIds, options=TINY, **kwargs)
 
     assert (scene.GetNumberOfNodes(), shNode.GetNumberOfItems()) == (nodeCount, itemCount)

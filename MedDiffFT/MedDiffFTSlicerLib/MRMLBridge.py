@@ -140,6 +140,9 @@ def prepareGenerate(
     command = ["run"] if modelDir is None else ["sample", "--model", str(modelDir)]
     with _workDirectory() as workDir:
         imagePath, labelPath = _exportCase(volumeNode, segmentationNode, selectedIds, workDir / "case1")
+        if not _labelmapHasVoxels(labelPath):
+            names = ", ".join(f"'{segmentationNode.GetSegmentation().GetSegment(i).GetName()}'" for i in selectedIds)
+            raise ValueError(f"Segment(s) {names} of '{segmentationNode.GetName()}' are empty on the grid of '{volumeNode.GetName()}': draw the lesion, or select another segment.")
         if isRegionSegment:
             options["allowed_region"] = _exportLabelmap(volumeNode, segmentationNode, [regionId], workDir / "case1" / "allowed.nrrd")
     arguments = [
@@ -280,6 +283,13 @@ def _nodesAddedToSceneRemoved(scene) -> Iterator[None]:
         for node in added:
             if node.GetID() not in before:
                 scene.RemoveNode(node)
+
+
+def _labelmapHasVoxels(path: Path) -> bool:
+    reader = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    reader.SetFileName(str(path))
+    labelmapNode = slicer.vtkMRMLLabelMapVolumeNode()
+    return bool(reader.ReadData(labelmapNode)) and labelmapNode.GetImageData().GetScalarRange()[1] > 0
 
 
 def _writeVolume(node, path: Path) -> None:
