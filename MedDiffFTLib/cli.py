@@ -295,7 +295,7 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--base-model", metavar="DIR", help="base model for `run` (sd-inpaint backbones)")
     evaluate.add_argument("--train-steps", type=int, help="backbone fine-tune steps (default: run's default)")
     evaluate.add_argument("--run-args", default="", metavar="'ARGS'",
-                          help="more options for `run`, in one quoted string (e.g. '--qa --resolution 64')")
+                          help="more options for `run`, in one quoted string (e.g. '--qa-keep 2 --resolution 64')")
     evaluate.add_argument("--arms", default="real_only,real_plus_synthetic",
                           help="comma-separated arms: real_only (strong augmentation), "
                                "real_plus_synthetic, real_no_aug, real_plus_copy_paste "
