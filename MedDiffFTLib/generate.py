@@ -131,7 +131,7 @@ def _work_order(settings: SampleSettings, windows: list) -> tuple[list[list[int]
 
 def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, background: Case,
                     settings: SampleSettings, index: int, check_cancel: Callable[[], None],
-                    mask_source: MaskSource | None = None) -> Sample:
+                    mask_source: MaskSource) -> Sample:
     """Make sample ``index`` (seed ``settings.seed + index``) of ``case`` on ``background``;
     ``check_cancel`` runs after every forward batch."""
     started = time.monotonic()
@@ -140,8 +140,7 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
     slices_cfg = card["slices"]
     axis = choose_axis(background.spacing, slices_cfg["axis"], background.is_2d)
     label, foreground = place_label(case.label, case.foreground, background.foreground.shape)
-    source = mask_source or make_mask_source(settings.mask_source)
-    proposal = source.propose(label, foreground, axis, rng, background)
+    proposal = mask_source.propose(label, foreground, axis, rng, background)
     old = background.foreground  # the background's own lesion (if any) is healed where not repainted
     new_stack = slice_stack(proposal.foreground, axis)
     old_stack = slice_stack(old, axis)
