@@ -29,8 +29,8 @@ from .errors import MedDiffFTError
 from .masks import dilate
 from .outputs import write_json
 from .progress import Progress
-from .segmenter import (SegmenterSettings, build_model, dice_per_image, encoder_features, hd95_per_image,
-                        planes_to_tensor, predict, train_segmenter)
+from .segmenter import (SegmenterSettings, batch_shares, build_model, dice_per_image, encoder_features,
+                        hd95_per_image, planes_to_tensor, predict, train_segmenter)
 from .slicing import choose_axis, slice_stack
 
 # arm name -> (augmentation, extra pairs mixed into each batch)
@@ -365,11 +365,21 @@ def _generate(seed_dir: Path, seed: int, key: dict, rows: dict, settings: Evalua
     return json.loads((generation_dir / "manifest.json").read_text())["samples"]
 
 
+def arm_steps(real_only_steps: int, segmenter: SegmenterSettings, mixed: bool) -> int:
+    """An arm's step budget: a mixed arm draws only (1 - synthetic fraction) of each batch from the
+    real cases, so it gets proportionally more steps; every arm then makes the same passes over the
+    real cases (the extra pairs add to them, never replace them)."""
+    if not mixed:
+        return real_only_steps
+    return math.ceil(real_only_steps * segmenter.batch_size / batch_shares(segmenter)[0])
+
+
 def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real, validation, extra, test,
                settings: EvaluateSettings, device: torch.device, bar: _Bar) -> dict:
     """Train and score one arm's segmenter (skipped when done with the same inputs)."""
     augmentation, pairs_name = ARMS[arm]
     record_path = seed_dir / f"{arm}.json"
+    steps = arm_steps(steps, settings.segmenter, pairs_name is not None)
     child, finish = bar.unit(steps)
     if not _unit_done(record_path, key):
         seg = SegmenterSettings(**{**asdict(settings.segmenter), "augmentation": augmentation, "seed": seed,
@@ -398,6 +408,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError("--seeds, --synthetic-per-real and --seg-epochs must be positive.")
     if not 0.0 <= settings.segmenter.synthetic_fraction < 1.0:
         raise MedDiffFTError(f"--synthetic-fraction must be in [0, 1); got {settings.segmenter.synthetic_fraction}.")
+    batch_shares(settings.segmenter)
     split = read_split(train_csv, test_csv, settings)
     device = resolve_device(settings.device)
     record = {"train": os.path.abspath(train_csv), "test": os.path.abspath(test_csv), **asdict(settings)}
@@ -426,7 +437,8 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         real = stacked(rows["labeled"])
         steps = max(1, math.ceil(settings.seg_epochs * len(real[0]) / settings.segmenter.batch_size))
         plans.append((seed, rows, real, steps))
-    total = sum(generation_weight + steps * len(settings.arms) for *_, steps in plans)
+    total = sum(generation_weight + sum(arm_steps(steps, settings.segmenter, ARMS[arm][1] is not None)
+                                        for arm in settings.arms) for *_, steps in plans)
     generation_inputs = {name: record[name] for name in ("train", "test", "k", "validation_cases", "unlabeled_pool",
                                                          "synthetic_per_real", "run_args")}
     per_seed, grid = {}, ()
@@ -459,7 +471,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                 extra["copy_paste"] = copy_paste_pairs(*real, settings.synthetic_per_real * settings.k, seed)
             arms = {}
             for arm in settings.arms:
-                key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs,
+                key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "real_passes": "equal",
                        "segmenter": asdict(settings.segmenter), "validation_cases": settings.validation_cases,
                        "train": record["train"], "test": record["test"], "k": settings.k,
                        **({"generation": generation_key} if ARMS[arm][1] == "synthetic" else {}),

@@ -106,6 +106,15 @@ def _augment(transform, images: torch.Tensor, masks: torch.Tensor) -> tuple[torc
     return image_out, mask_out
 
 
+def batch_shares(settings: SegmenterSettings) -> tuple[int, int]:
+    """(real, synthetic) pairs in each batch when synthetic pairs are mixed in."""
+    synthetic = round(settings.batch_size * settings.synthetic_fraction)
+    if synthetic >= settings.batch_size:
+        raise MedDiffFTError(f"A synthetic fraction of {settings.synthetic_fraction} leaves no real pair in a "
+                             f"batch of {settings.batch_size}; lower the fraction or raise the batch size.")
+    return settings.batch_size - synthetic, synthetic
+
+
 def _check_pairs(images: torch.Tensor, masks: torch.Tensor, what: str) -> None:
     if images.ndim != 4 or images.shape != masks.shape or images.shape[1] != 1:
         raise MedDiffFTError(f"The segmenter's {what} images and masks must both be (N, 1, R, R) "
@@ -134,9 +143,8 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: Segment
         raise MedDiffFTError(f"The synthetic fraction must be in [0, 1); got {settings.synthetic_fraction}.")
     transform = _augmentation(settings.augmentation, settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    synthetic_per_batch = (round(settings.batch_size * settings.synthetic_fraction)
-                           if synthetic is not None else 0)
-    real_per_batch = settings.batch_size - synthetic_per_batch
+    real_per_batch, synthetic_per_batch = (batch_shares(settings) if synthetic is not None
+                                           else (settings.batch_size, 0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         model = build_model().to(device)

@@ -73,6 +73,9 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
     for key in ("paired_p_value", "frd", "kid", "faithfulness_ratio", "memorization_rate", "settings", "timings"):
         assert key in report
     assert report["background_preservation"] == 1.0  # compact backbone: exact outside mask + seam
+    for arm in ("real_plus_synthetic", "real_plus_copy_paste"):  # half of each batch is real: twice the steps
+        assert [row["steps_run"] for row in report[arm]["per_seed"]] == \
+            [2 * row["steps_run"] for row in report["real_only"]["per_seed"]]
     assert report["settings"]["unlabeled_pool_used"] is True and report["settings"]["k"] == 2
     subsets = [json.loads((tmp_path / "a" / f"seed_{s}" / "subset.json").read_text()) for s in (0, 1)]
     assert subsets[0]["labeled"] != subsets[1]["labeled"]  # a different K-subset per seed
@@ -125,6 +128,9 @@ def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
         evaluate((train, overlapping), tmp_path / "out")
     with pytest.raises(MedDiffFTError, match=r"Unknown arm 'more'; use some of real_no_aug, real_only"):
         evaluate(split, tmp_path / "out", "--arms", "real_only,more")
+    with pytest.raises(MedDiffFTError, match=r"A synthetic fraction of 0.9 leaves no real pair in a batch of 2; "
+                                             r"lower the fraction or raise the batch size"):
+        evaluate(split, tmp_path / "out", "--synthetic-fraction", "0.9")
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

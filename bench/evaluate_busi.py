@@ -7,6 +7,10 @@ malignant) and the rest as the training pool. Arms: real only with strong augmen
 
 Usage (a run folder is resumable; a larger --seeds reuses finished seeds):
   nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval --seeds 3
+
+With --max-side PX the cases are first copied, shrunk to at most PX px a side, into WORK/cases/,
+and the CSVs name them relative to WORK: such a WORK folder runs anywhere (bench/gpu_busi.sh
+carries one to a GPU machine). A WORK folder that already holds train.csv and test.csv is reused.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ sys.path.insert(0, str(ROOT))
 BUSI = ROOT.parent / "shared" / "data" / "BUSI"
 
 
-def busi_cases(work: Path) -> list[tuple[str, str, str]]:
-    """(image, merged mask, class) for every benign/malignant image, duplicates dropped."""
+def busi_cases(work: Path, max_side: int) -> list[tuple[str, str, str]]:
+    """(image, merged mask, class) for every benign/malignant image, duplicates dropped; with
+    ``max_side`` the image is a shrunk copy in WORK/cases/."""
     from PIL import Image
 
     (work / "masks").mkdir(parents=True, exist_ok=True)
+    (work / "cases").mkdir(exist_ok=True)
     seen, cases = set(), []
     for kind in ("benign", "malignant"):
         for image in sorted((BUSI / kind / "images").glob("*.png")):
@@ -46,12 +52,33 @@ def busi_cases(work: Path) -> list[tuple[str, str, str]]:
                     plane = np.asarray(Image.open(mask))
                     union |= (plane.max(axis=-1) if plane.ndim == 3 else plane) > 0
                 Image.fromarray(union.astype(np.uint8) * 255).save(merged)
+            if max_side:
+                image, merged = shrunk(image, work / "cases", max_side), shrunk(merged, work / "cases", max_side)
             cases.append((str(image), str(merged), kind))
     return cases
 
 
-def write_split(work: Path, test_per_class: int) -> tuple[Path, Path]:
-    cases = busi_cases(work)
+def shrunk(path: Path, folder: Path, max_side: int) -> Path:
+    """A copy of a PNG with its longer side at most ``max_side`` px (area averaging; masks re-binarized)."""
+    from PIL import Image
+
+    out = folder / path.name
+    if not out.exists():
+        picture = Image.open(path)
+        scale = min(1.0, max_side / max(picture.size))
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        small = picture.resize(size, Image.Resampling.BOX)
+        if path.stem.endswith("_mask"):
+            small = small.point(lambda v: 255 if v >= 128 else 0)
+        small.save(out)
+    return out
+
+
+def write_split(work: Path, test_per_class: int, max_side: int) -> tuple[Path, Path]:
+    if (work / "train.csv").is_file() and (work / "test.csv").is_file():
+        print(f"BUSI split: reusing {work / 'train.csv'} and {work / 'test.csv'}", flush=True)
+        return work / "train.csv", work / "test.csv"
+    cases = busi_cases(work, max_side)
     rng = np.random.default_rng(12345)
     test = []
     for kind in ("benign", "malignant"):
@@ -59,7 +86,8 @@ def write_split(work: Path, test_per_class: int) -> tuple[Path, Path]:
         test += [rows[i] for i in rng.permutation(len(rows))[:test_per_class]]
     train = [case for case in cases if case not in test]
     for name, rows in (("train", train), ("test", test)):
-        (work / f"{name}.csv").write_text("image,label\n" + "".join(f"{i},{m}\n" for i, m, _ in rows))
+        named = [(Path(i).relative_to(work), Path(m).relative_to(work)) if max_side else (i, m) for i, m, _ in rows]
+        (work / f"{name}.csv").write_text("image,label\n" + "".join(f"{i},{m}\n" for i, m in named))
     print(f"BUSI split: {len(train)} training-pool cases, {len(test)} test cases", flush=True)
     return work / "train.csv", work / "test.csv"
 
@@ -79,21 +107,27 @@ def main() -> None:
                                               "--samples 4 --qa-keep 2")
     parser.add_argument("--arms", default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
     parser.add_argument("--unlabeled-pool", default="on", choices=("on", "off"))
+    parser.add_argument("--max-side", type=int, default=0, help="copy the cases shrunk to this many px a side")
+    parser.add_argument("--prepare-only", action="store_true", help="write the split (and copies) and stop")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--run-dir", default="run", help="the evaluation folder inside WORK")
     args = parser.parse_args()
     from MedDiffFTLib.cli import main as cli_main
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    train, test = write_split(work, args.test_per_class)
-    argv = ["evaluate", "--train", str(train), "--test", str(test), "--out", str(work / "run"),
+    train, test = write_split(work, args.test_per_class, args.max_side)
+    if args.prepare_only:
+        return
+    argv = ["evaluate", "--train", str(train), "--test", str(test), "--out", str(work / args.run_dir),
             "--k", str(args.k), "--seeds", str(args.seeds), "--seed", str(args.first_seed), "--validation-cases", "20",
             "--resolution", str(args.resolution), "--seg-epochs", str(args.seg_epochs),
             "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
-            "--unlabeled-pool", args.unlabeled_pool, "--device", "cpu"]
+            "--unlabeled-pool", args.unlabeled_pool, "--device", args.device]
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
     started = time.monotonic()
     code = cli_main(argv)
-    print(f"exit {code} after {time.monotonic() - started:.0f} s; report: {work / 'run' / 'report.md'}", flush=True)
+    print(f"exit {code} after {time.monotonic() - started:.0f} s; report: {work / args.run_dir / 'report.md'}", flush=True)
     sys.exit(code)
 
 

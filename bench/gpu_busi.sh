@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The BUSI evaluation (bench/evaluate_busi.py) on a lent GPU machine: one process per K-subset, all
+# at once on the one GPU, then one pass that collects them into WORK/run/report.*.
+#
+# Prepare on the workstation (the GPU machine has no network and no ../shared/data):
+#   .venv/bin/python bench/evaluate_busi.py --work .busi --max-side 256 --prepare-only
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl diffusers==0.42.1 monai==1.6.1 pynrrd==1.1.3 importlib_metadata
+#   SimpleITK 2.5.7's wheel (53 MB) unpacked and repacked as .whl/sitk.tar.xz (28 MB) to fit the transfer.
+# Run there (device tool, carry [".busi", ".whl"]):  bash bench/gpu_busi.sh SUBSETS SECONDS_PER_SUBSET
+# Results: OUT/report.tgz (report.*, plots, logs) and OUT/seed_S.tgz (each subset's folder without
+# the backbone weights), so the report can be rebuilt anywhere with
+#   bench/evaluate_busi.py --work .busi --seeds SUBSETS (same RUN_ARGS and --seg-epochs).
+set -u
+SUBSETS=${1:-6}
+LIMIT=${2:-420}
+WORK=${WORK:-.busi}
+OUT=${OUT:-/tmp/gpu_busi}
+# A dry run of the mechanics on a CPU workstation: PYTHON=.venv/bin/python DEVICE=cpu SEG_EPOCHS=2
+#   RUN_ARGS="--resolution 32 --model-size tiny --train-steps 3 --pretrain-steps 3 --qa off" bash bench/gpu_busi.sh 2 300
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+SEG_EPOCHS=${SEG_EPOCHS:-1000}
+RUN_ARGS=${RUN_ARGS:-"--resolution 64 --pretrain-steps 1500 --train-steps 3000 --train-minutes 3.5 --mask-steps 1000 --samples 6 --qa-keep 2"}
+mkdir -p "$OUT" /tmp/site
+export PYTHONUNBUFFERED=1
+if ! $PYTHON -c "import diffusers, monai, SimpleITK, nrrd" 2>/dev/null; then
+  tar -xJf .whl/sitk.tar.xz -C /tmp/site &&
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+$PYTHON -c "import torch, diffusers, monai, SimpleITK; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+
+EVAL=(bench/evaluate_busi.py --work "$WORK" --seg-epochs "$SEG_EPOCHS" --device "$DEVICE"
+      --arms real_only,real_plus_synthetic,real_plus_copy_paste --run-args "$RUN_ARGS")
+THREADS=$(( $(nproc) / (SUBSETS + 1) ))
+THREADS=$(( THREADS > 0 ? THREADS : 1 ))
+started=$(date +%s)
+
+# Tiny runs through every stage on the GPU, beside the real ones, so a failure shows within a minute:
+# with QA (a 3-step model may rightly have every sample rejected: an error, not a crash) and without.
+smokes=()
+for qa in on off; do
+  OMP_NUM_THREADS=$THREADS $PYTHON -m MedDiffFTLib.cli evaluate --train "$WORK/train.csv" --test "$WORK/test.csv" \
+    --out "/tmp/smoke_$qa" --k 4 --validation-cases 2 --seeds 1 --seg-epochs 2 --resolution 32 --device "$DEVICE" \
+    --arms real_only,real_plus_synthetic --progress none --run-args "--resolution 32 --model-size tiny \
+    --pretrain-steps 3 --train-steps 3 --mask-steps 3 --qa-segmenter-steps 3 --sampling-steps 2 --qa $qa" \
+    > "$OUT/smoke_$qa.log" 2>&1 &
+  smokes+=($!)
+done
+pids=()
+for s in $(seq 0 $((SUBSETS - 1))); do
+  OMP_NUM_THREADS=$THREADS timeout "$LIMIT" $PYTHON "${EVAL[@]}" --run-dir "run_$s" --first-seed "$s" --seeds 1 \
+    > "$OUT/subset_$s.log" 2>&1 &
+  pids+=($!)
+done
+wait "${smokes[@]}"
+if grep -q Traceback "$OUT"/smoke_*.log; then
+  echo "SMOKE FAILED after $(( $(date +%s) - started )) s"; tail -40 "$OUT"/smoke_*.log
+  kill "${pids[@]}" 2>/dev/null; exit 1
+fi
+echo "smokes passed after $(( $(date +%s) - started )) s: $(grep -hv -i warn "$OUT"/smoke_*.log | tail -n2)"
+for pid in "${pids[@]}"; do wait "$pid"; done
+echo "subsets done after $(( $(date +%s) - started )) s"
+mkdir -p "$WORK/run"
+cp "$(ls "$WORK"/run_*/settings.json | head -1)" "$WORK/run/"
+for s in $(seq 0 $((SUBSETS - 1))); do
+  echo "== subset $s: $(tail -1 "$OUT/subset_$s.log")"
+  grep -h Traceback -A30 "$OUT/subset_$s.log" | tail -8
+  rm -rf "$WORK/run/seed_$s" && cp -r "$WORK/run_$s/seed_$s" "$WORK/run/" 2>/dev/null
+done
+OMP_NUM_THREADS=8 timeout 150 $PYTHON "${EVAL[@]}" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
+tail -3 "$OUT/collect.log"
+cat "$WORK/run/report.md" 2>/dev/null
+for s in $(seq 0 $((SUBSETS - 1))); do
+  tar -czf "$OUT/seed_$s.tgz" -C "$WORK/run" --exclude "generation/model" --exclude "real_plus_*.safetensors" \
+    "seed_$s" 2>/dev/null
+done
+tar -czf "$OUT/report.tgz" -C "$WORK/run" --ignore-failed-read report.json report.md dice_per_seed.png \
+  samples_grid.png loss_curves.png settings.json -C "$OUT" smoke_on.log smoke_off.log collect.log $(cd "$OUT" && ls subset_*.log)
+rm -f "$OUT"/*.log
+echo "total $(( $(date +%s) - started )) s"
