@@ -13,7 +13,7 @@
 #   bench/evaluate_busi.py --work .busi --seeds SUBSETS (same RUN_ARGS and --seg-epochs).
 set -u
 SUBSETS=${1:-6}
-LIMIT=${2:-420}
+LIMIT=${2:-400}
 WORK=${WORK:-.busi}
 OUT=${OUT:-/tmp/gpu_busi}
 # A dry run of the mechanics on a CPU workstation: PYTHON=.venv/bin/python DEVICE=cpu SEG_EPOCHS=2
@@ -70,7 +70,7 @@ for s in $(seq 0 $((SUBSETS - 1))); do
   grep -h Traceback -A30 "$OUT/subset_$s.log" | tail -8
   rm -rf "$WORK/run/seed_$s" && cp -r "$WORK/run_$s/seed_$s" "$WORK/run/" 2>/dev/null
 done
-OMP_NUM_THREADS=8 timeout 150 $PYTHON "${EVAL[@]}" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
+OMP_NUM_THREADS=8 timeout 100 $PYTHON "${EVAL[@]}" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
 tail -3 "$OUT/collect.log"
 cat "$WORK/run/report.md" 2>/dev/null
 for s in $(seq 0 $((SUBSETS - 1))); do
