@@ -11,6 +11,12 @@
 # Results: OUT/report.tgz (report.*, plots, logs) and OUT/seed_S.tgz (each subset's folder without
 # the backbone weights), so the report can be rebuilt anywhere with
 #   bench/evaluate_busi.py --work .busi --seeds SUBSETS (same RUN_ARGS and --seg-epochs).
+#
+# Measured 2026-11-27 on a lent H100 (6 subsets at once, RUN_ARGS below, 400 s each): no subset got
+# past sampling. Every stage is CPU-bound per process (bench/gpu_stage_speeds.sh, H200: backbone
+# 17.5 steps/s alone and 17.5 each with 3 at once, 13.8 each with 6; mask generator 35 steps/s;
+# segmenter with augmentation ~20 steps/s; sampling 2-4 s per candidate with 6 at once), so one
+# subset needs ~14 min: fit it as two resumable calls, or cut --train-steps/--samples/--seg-epochs.
 set -u
 SUBSETS=${1:-6}
 LIMIT=${2:-400}
