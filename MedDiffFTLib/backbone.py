@@ -34,7 +34,8 @@ class InpaintRequest:
     ``region``: where to generate (binary); ``lesion``: where the lesion must be (binary; the
     rest of the region is healed as non-lesion tissue); ``init``: optional start image. Text-
     conditioned backbones use ``prompt``/``negative_prompt``/``guidance_scale`` (None: the
-    model's own); others ignore them.
+    model's own); others ignore them. ``context``: (B, 2 N C, R, R) neighbouring slices for a
+    backbone with ``context_slices`` N > 0 (None when N = 0).
     """
 
     background: torch.Tensor
@@ -46,14 +47,17 @@ class InpaintRequest:
     prompt: str | None = None
     negative_prompt: str | None = None
     guidance_scale: float | None = None
+    context: torch.Tensor | None = None
 
 
 class Backbone(ABC):
-    """What the engine needs from an inpainting model."""
+    """What the engine needs from an inpainting model. ``context_slices`` N: the model also sees
+    the N slices below and above the current one (batch key / request field ``context``)."""
 
     kind: str
     resolution: int
     channels: int
+    context_slices: int = 0
 
     @abstractmethod
     def trainable_parameters(self) -> Iterable[torch.nn.Parameter]: ...

@@ -111,6 +111,15 @@ def _add_training(parser: argparse.ArgumentParser) -> None:
                             "see --base-model)")
     group.add_argument("--model-size", default="small", choices=("tiny", "small", "base"),
                        help="compact UNet size: tiny (tests), small (CPU default), base")
+    group.add_argument("--context-slices", type=int, default=0, metavar="N",
+                       help="compact backbone: also feed the model the N slices below and the N "
+                            "above the painted one along the slicing axis (trained on the real "
+                            "neighbours, each with the region zeroed half of the time; at "
+                            "generation the neighbours already generated as they are, the others "
+                            "as the background with the region to regenerate zeroed; past the "
+                            "volume's ends the edge slice is repeated, but a slice never sees "
+                            "itself: zeros there and for 2D images). Stored in the model folder, "
+                            "so `sample` needs no option. Default 0: no context")
     group.add_argument("--recipe", choices=("default", "reference"),
                        help="default, or reference: the reference code's sd-inpaint recipe (full "
                             "UNet, lr 3e-6, AdamW wd 1e-2, clip 1, batch 1 x accumulation 2, 500 "
@@ -301,8 +310,9 @@ def _add_evaluate(commands) -> None:
                                "real_plus_synthetic, real_no_aug, real_plus_copy_paste "
                                "(default: real_only,real_plus_synthetic)")
     evaluate.add_argument("--seg-epochs", type=int, default=1000,
-                          help="segmenter budget in passes over the K cases' slices; the "
-                               "best-validation checkpoint is kept (default 1000)")
+                          help="segmenter budget in passes over the K cases' slices (arms that mix in "
+                               "extra pairs get the steps to make the same passes); the best-validation "
+                               "checkpoint is kept (default 1000)")
     evaluate.add_argument("--seg-patience", type=int, default=10,
                           help="stop after this many validations (40 per budget) without gain; 0 = never (default 10)")
     evaluate.add_argument("--seg-batch-size", type=int, default=8, help="segmenter batch size (default 8)")

@@ -1,9 +1,12 @@
 """The ``compact`` backbone: a pixel-space inpainting diffusion UNet trained from scratch on the
 user's slices (no download; runs on a laptop CPU).
 
-Input channels: noisy image (C) + region mask (1) + lesion mask (1) + masked image (C). The lesion
-channel separates "paint a lesion here" from "heal this as tissue", so a moved lesion's old place
-can be healed in the same pass. Unlabeled pretraining data uses 0.5 ("unknown") in that channel.
+Input channels: noisy image (C) + region mask (1) + lesion mask (1) + masked image (C) + context
+(2 N C). The lesion channel separates "paint a lesion here" from "heal this as tissue", so a moved
+lesion's old place can be healed in the same pass. Unlabeled pretraining data uses 0.5 ("unknown")
+in that channel. The context holds the N slices below and the N above the current one along the
+slicing axis (``--context-slices N``, default 0: no context channels; see ``generate`` for what
+they show); N follows from the UNet's saved ``in_channels``, so a model folder carries it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,15 @@ class CompactBackbone(Backbone):
         self.scheduler = scheduler
         self.resolution = int(unet.config.sample_size)
         self.channels = int(unet.config.out_channels)
+        extra = int(unet.config.in_channels) - (2 * self.channels + 2)
+        if extra < 0 or extra % (2 * self.channels):
+            raise MedDiffFTError(f"This compact UNet has {unet.config.in_channels} input channels, which "
+                                 f"no --context-slices gives for {self.channels} image channel(s).")
+        self.context_slices = extra // (2 * self.channels)
 
     @classmethod
-    def create(cls, *, resolution: int, channels: int, size: str = "small") -> "CompactBackbone":
+    def create(cls, *, resolution: int, channels: int, size: str = "small",
+               context_slices: int = 0) -> "CompactBackbone":
         if size not in MODEL_SIZES:
             raise MedDiffFTError(f"--model-size {size}: choose one of {', '.join(MODEL_SIZES)}.")
         blocks, layers, attention, groups = MODEL_SIZES[size]
@@ -49,7 +58,10 @@ class CompactBackbone(Backbone):
         up = ["UpBlock2D"] * len(blocks)
         if attention:
             down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-        unet = UNet2DModel(sample_size=resolution, in_channels=2 * channels + 2, out_channels=channels,
+        if context_slices < 0:
+            raise MedDiffFTError(f"--context-slices {context_slices}: use 0 (no context) or more.")
+        unet = UNet2DModel(sample_size=resolution, in_channels=(2 + 2 * context_slices) * channels + 2,
+                           out_channels=channels,
                            block_out_channels=blocks, layers_per_block=layers,
                            down_block_types=tuple(down), up_block_types=tuple(up),
                            norm_num_groups=groups, attention_head_dim=8)
@@ -84,9 +96,19 @@ class CompactBackbone(Backbone):
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         self.unet.load_state_dict(state)
 
+    def _context(self, context: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The context channels (B, 2 N C, R, R); None stands for none (only valid when N = 0)."""
+        expected = 2 * self.context_slices * self.channels
+        if context is None:
+            context = like.new_zeros((like.shape[0], 0, *like.shape[2:]))
+        if context.shape[1] != expected:
+            raise MedDiffFTError(f"This model was trained with --context-slices {self.context_slices} "
+                                 f"({expected} context channels); got {context.shape[1]}.")
+        return context.to(like.device, like.dtype)
+
     def _condition(self, sample: torch.Tensor, region: torch.Tensor, lesion: torch.Tensor,
-                   background: torch.Tensor) -> torch.Tensor:
-        return torch.cat([sample, region, lesion, background * (1.0 - region)], dim=1)
+                   background: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return torch.cat([sample, region, lesion, background * (1.0 - region), context], dim=1)
 
     def training_loss(self, batch, generator):
         self.unet.train()
@@ -95,7 +117,8 @@ class CompactBackbone(Backbone):
         steps = torch.randint(0, self.scheduler.config.num_train_timesteps, (image.shape[0],),
                               generator=generator).to(image.device)
         noisy = self.scheduler.add_noise(image, noise, steps)
-        prediction = self.unet(self._condition(noisy, region, lesion, image), steps).sample
+        context = self._context(batch.get("context"), image)
+        prediction = self.unet(self._condition(noisy, region, lesion, image, context), steps).sample
         weight = 1.0 + batch["lesion_weight"] * region
         return (weight * (prediction - noise) ** 2).mean()
 
@@ -107,9 +130,10 @@ class CompactBackbone(Backbone):
         background = request.background.to(self.device)
         region = request.region.to(self.device)
         lesion = request.lesion.to(self.device)
+        context = self._context(request.context, background)
 
         def denoise(sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            inputs = self._condition(sample, region, lesion, background)
+            inputs = self._condition(sample, region, lesion, background, context)
             return self.unet(inputs, t.to(self.device).expand(sample.shape[0])).sample
 
         result = guided_denoise(denoise, scheduler, background, region, num_steps=num_steps,

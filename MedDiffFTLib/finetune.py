@@ -32,7 +32,8 @@ from .errors import MedDiffFTError
 from .masks import dilate, random_blob
 from .progress import Progress
 from .sd_inpaint import REFERENCE_SD, SDInpaintBackbone, SDSettings
-from .slicing import Window, choose_axis, fit_intensity, slice_stack, to_channels, window_around
+from .slicing import (Window, choose_axis, extract_context, fit_intensity, slice_stack, to_channels,
+                      window_around)
 
 UNKNOWN_LESION = 0.5  # lesion channel value for unlabeled data
 POOL_KEY = 2**31 - 1  # seeds the fixed window pool apart from the per-step draws
@@ -40,7 +41,9 @@ POOL_KEY = 2**31 - 1  # seeds the fixed window pool apart from the per-step draw
 
 @dataclass
 class SliceSettings:
-    """How cases become model-space windows; saved in the model card and reused for sampling."""
+    """How cases become model-space windows; saved in the model card and reused for sampling.
+    ``context_slices`` N: neighbouring slices (N below, N above) as extra model inputs
+    (compact backbone; see ``slicing.context_indices``)."""
 
     resolution: int = 64
     axis: str = "auto"
@@ -48,6 +51,7 @@ class SliceSettings:
     roi: str = "auto"
     context: float = 0.5
     scale: str = "native"
+    context_slices: int = 0
 
 
 @dataclass
@@ -114,9 +118,17 @@ def settings_from_options(options: dict) -> tuple[SliceSettings, TrainSettings]:
         given = options.get(name)
         return preset.get(name, getattr(TrainSettings, name, None)) if given is None else given
 
+    context_slices = options.get("context_slices") or 0
+    if context_slices < 0:
+        raise MedDiffFTError(f"--context-slices {context_slices}: use 0 (no context, the default) or more.")
+    if context_slices and backbone != "compact":
+        raise MedDiffFTError(f"--context-slices {context_slices} is for the compact backbone only "
+                             f"(--backbone {backbone} has no context channels): drop --context-slices, "
+                             "or use --backbone compact.")
     slices = SliceSettings(resolution=value("resolution"), axis=str(options["axis"]),
                            intensity=options["intensity"], roi=options["roi"],
-                           context=options["context"], scale=options["scale"])
+                           context=options["context"], scale=options["scale"],
+                           context_slices=context_slices)
     unlabeled_given = bool(options.get("unlabeled") or options.get("unlabeled_cases"))
     pretrain_steps = options["pretrain_steps"] if options.get("pretrain_steps") is not None else (
         value("train_steps") if unlabeled_given else 0)
@@ -215,6 +227,7 @@ class TrainingWindows:
         window = window_around(mask, self.slices.resolution, roi=self.slices.roi,
                                context=self.slices.context, shift=shift, scale=self.slices.scale)
         image = window.extract(case.images[si])
+        context = extract_context(window, case.images, si, self.slices.context_slices)
         lesion = window.extract(mask, is_mask=True)
         kind = rng.choice(3, p=self.curriculum)
         if kind == 0:
@@ -225,15 +238,27 @@ class TrainingWindows:
         else:
             region = torch.from_numpy(random_blob(lesion.shape[1:], rng)[None].astype(np.float32))
             lesion = lesion * region
-        return self._crop(rng, image, region, lesion)
+        return self._crop(rng, image, region, lesion, self._hide(rng, context, region))
+
+    def _hide(self, rng: np.random.Generator, context: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """Each neighbour plane, with probability 1/2, zeroed inside the region, as sampling shows a
+        neighbour that is not generated yet (the others are shown whole, as generated neighbours
+        are). Draws nothing without context slices."""
+        hide = rng.random(2 * self.slices.context_slices) < 0.5
+        if not hide.any():
+            return context
+        context = context.clone()
+        for k in np.flatnonzero(hide):
+            context[k * self.channels:(k + 1) * self.channels] *= 1.0 - region
+        return context
 
     def _crop(self, rng: np.random.Generator, image: torch.Tensor, region: torch.Tensor,
-              lesion: torch.Tensor) -> tuple:
+              lesion: torch.Tensor, context: torch.Tensor) -> tuple:
         """A ``resolution``-px crop of a larger native window, centred half of the time on the
         region's border (where inpainting is hardest), else anywhere."""
         size, side = image.shape[-1], self.slices.resolution
         if size <= side:
-            return image, region, lesion
+            return image, region, lesion, context
         border = region[0].numpy() > 0
         border = border & ~ndimage.binary_erosion(border)
         if border.any() and rng.random() < 0.5:
@@ -243,7 +268,7 @@ class TrainingWindows:
         y0 = int(np.clip(cy - side // 2, 0, size - side))
         x0 = int(np.clip(cx - side // 2, 0, size - side))
         crop = (..., slice(y0, y0 + side), slice(x0, x0 + side))
-        return image[crop], region[crop], lesion[crop]
+        return image[crop], region[crop], lesion[crop], context[crop]
 
     def _random_item(self, rng: np.random.Generator, ci: int, si: int) -> tuple:
         case = self.cases[ci]
@@ -254,12 +279,13 @@ class TrainingWindows:
         x0 = int(rng.integers(0, width - size + 1)) if width > size else (width - size) // 2
         window = Window(y0, x0, size, self.slices.resolution)
         image = window.extract(case.images[si])
+        context = extract_context(window, case.images, si, self.slices.context_slices)
         region = torch.from_numpy(random_blob((self.slices.resolution,) * 2, rng)[None].astype(np.float32))
         if case.labeled:
             lesion = window.extract(case.foreground[si], is_mask=True) * region
         else:
             lesion = region * UNKNOWN_LESION
-        return image, region, lesion
+        return image, region, lesion, self._hide(rng, context, region)
 
     def batch(self, rng: np.random.Generator, batch_size: int, lesion_weight: float,
               pretrain: bool = False) -> dict[str, torch.Tensor]:
@@ -275,10 +301,11 @@ class TrainingWindows:
             else:
                 ci, si = self.labeled_items[rng.integers(len(self.labeled_items))]
                 items.append(self._random_item(rng, ci, si))
-        image, region, lesion = (torch.stack(parts) for parts in zip(*items))
+        image, region, lesion, context = (torch.stack(parts) for parts in zip(*items))
         flip = torch.from_numpy(rng.random(batch_size) < 0.5)
         image[flip], region[flip], lesion[flip] = image[flip].flip(-1), region[flip].flip(-1), lesion[flip].flip(-1)
-        return {"image": image, "region": region, "lesion": lesion,
+        context[flip] = context[flip].flip(-1)
+        return {"image": image, "region": region, "lesion": lesion, "context": context,
                 "lesion_weight": torch.tensor(lesion_weight)}
 
     def lesion_bank(self, limit: int = 64) -> dict[str, torch.Tensor]:
@@ -479,7 +506,8 @@ def make_backbone(settings: TrainSettings, slices: SliceSettings, channels: int,
     if settings.backbone != "compact":
         raise MedDiffFTError(f"--backbone {settings.backbone}: use compact or sd-inpaint.")
     return CompactBackbone.create(resolution=slices.resolution, channels=channels,
-                                  size=settings.model_size).to(device)
+                                  size=settings.model_size,
+                                  context_slices=slices.context_slices).to(device)
 
 
 def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
@@ -508,6 +536,12 @@ def finetune_model(cases: list[Case], *, model_out: Path, slices: SliceSettings,
                                  f"{backbone.channels} channel(s); these cases need "
                                  f"{slices.resolution} px with {windows.channels}: pass --resolution "
                                  f"{init_card['resolution']} or pretrain a matching model.")
+        if backbone.context_slices != slices.context_slices:
+            raise MedDiffFTError(f"--init-model {init_model} was trained with --context-slices "
+                                 f"{backbone.context_slices}, this fine-tune asks for "
+                                 f"{slices.context_slices}: pass --context-slices "
+                                 f"{backbone.context_slices}, or pretrain a model with "
+                                 f"--context-slices {slices.context_slices}.")
         backbone.to(device)
     else:
         backbone = make_backbone(settings, slices, windows.channels, device)

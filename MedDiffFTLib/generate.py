@@ -3,7 +3,11 @@ holds it under the dynamic guiding mask, and paste the result back into the nati
 
 Outside the regenerated region dilated by the seam width the output equals the input exactly;
 inside the seam the generated and original pixels are feathered. When the new lesion differs from
-the old one, the old lesion's place is regenerated as tissue (healed) in the same pass.
+the old one, the old lesion's place is regenerated as tissue (healed) in the same pass. A model
+with context slices (``--context-slices N`` at training) sees the N slices on each side of the one
+it paints as the volume stands at that moment: already generated neighbours (in ``propagate``
+order, the inner ones) whole, the others as the background with the region to regenerate (theirs
+and this slice's) zeroed, so the old lesion there is not copied.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from .corrosion import erode_label
 from .errors import MedDiffFTError, PlacementError
 from .masks import MaskSource, dilate, make_mask_source, place_label
 from .progress import Progress
-from .slicing import bounding_box, choose_axis, fit_intensity, slice_stack, to_channels, window_around
+from .slicing import (bounding_box, choose_axis, context_indices, extract_context, fit_intensity,
+                      slice_stack, to_channels, window_around)
 
 MAX_SEAM = 8
 SLICE_COHERENCE = {  # bench/coherence.py measures them (a shared noise seed made slices near-copies)
@@ -145,6 +150,7 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
     new_stack = slice_stack(proposal.foreground, axis)
     old_stack = slice_stack(old, axis)
     intensity = fit_intensity(background.image, slices_cfg["intensity"])
+    # model-space volume as it stands: each slice is replaced by its result once generated (context)
     normalized = slice_stack(to_channels(intensity.forward(background.image), backbone.channels), axis)
     out_image = background.image.copy()
     out_stack = slice_stack(out_image, axis)
@@ -165,6 +171,8 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
                for mask in window_masks]
     chunks, neighbour = _work_order(settings, windows)
     generated_at: dict[int, torch.Tensor] = {}
+    done: set[int] = set()  # slices generated so far, and each slice's region (context)
+    region_of = dict(todo)
     for chunk_ids in chunks:
         chunk = [todo[i] for i in chunk_ids]
         chunk_windows = [windows[i] for i in chunk_ids]
@@ -172,6 +180,15 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         region_t = torch.stack([w.extract(r, is_mask=True) for w, (_, r) in zip(chunk_windows, chunk)])
         lesion_t = torch.stack([w.extract(new_stack[s], is_mask=True)
                                 for w, (s, _) in zip(chunk_windows, chunk)])
+        context = torch.stack([extract_context(w, normalized, s, backbone.context_slices)
+                               for w, (s, _) in zip(chunk_windows, chunk)])
+        for b, (w, (s, _)) in enumerate(zip(chunk_windows, chunk)):
+            for k, t in enumerate(context_indices(s, len(normalized), backbone.context_slices)):
+                if t is not None and t not in done:  # not generated yet: its old content is hidden
+                    hidden = region_t[b]
+                    if t in region_of:
+                        hidden = torch.maximum(hidden, w.extract(region_of[t], is_mask=True))
+                    context[b, k * backbone.channels:(k + 1) * backbone.channels] *= 1.0 - hidden
         init = None
         if chunk_ids[0] in neighbour:  # start from the generated neighbour, noised to --strength
             previous = torch.stack([generated_at[neighbour[i]] for i in chunk_ids]).to(bg.device)
@@ -182,7 +199,7 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         request = InpaintRequest(bg, region_t, lesion_t, generators, init=init,
                                  strength=settings.strength if init is not None else 1.0,
                                  negative_prompt=settings.negative_prompt,
-                                 guidance_scale=settings.guidance_scale)
+                                 guidance_scale=settings.guidance_scale, context=context)
         result = backbone.inpaint(request, sampler=settings.sampler, num_steps=settings.sampling_steps)
         generated_at.update(zip(chunk_ids, result))
         for window, (s, region), generated in zip(chunk_windows, chunk, result):
@@ -198,6 +215,8 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
             plane = out_stack[s][rows, cols]
             out_stack[s][rows, cols] = np.where(weights > 0, cast_like(blended, background), plane)
             regen_stack[s] = region
+            done.add(s)
+            normalized[s] = to_channels(intensity.forward(out_stack[s]), backbone.channels, spatial_dims=2)
         check_cancel()
     changed = None
     if settings.erode_changed:

@@ -151,6 +151,27 @@ class Window:
                 slice(y0 - self.y0, y1 - self.y0), slice(x0 - self.x0, x1 - self.x0))
 
 
+def context_indices(index: int, count: int, context_slices: int) -> list[int | None]:
+    """The slices that give slice ``index`` of a stack of ``count`` its context (``--context-slices
+    N``): the N below, then the N above, each clamped to the stack (the edge slice is replicated);
+    None where that would be the slice itself (at the stack's two edge slices, and always for a 2D
+    image, a stack of one): those context planes are zeros, so the model never sees the slice it
+    paints unmasked."""
+    offsets = [*range(-context_slices, 0), *range(1, context_slices + 1)]
+    picks = [min(max(index + offset, 0), count - 1) for offset in offsets]
+    return [None if pick == index else pick for pick in picks]
+
+
+def extract_context(window: Window, stack: np.ndarray, index: int, context_slices: int) -> torch.Tensor:
+    """Context channels (2 N C, R, R) of slice ``index`` of ``stack`` (S, H, W[, C]) in ``window``
+    (see ``context_indices``); (0, R, R) when N = 0."""
+    channels = stack.shape[3] if stack.ndim == 4 else 1
+    planes = [window.extract(stack[pick]) if pick is not None
+              else torch.zeros((channels, window.resolution, window.resolution))
+              for pick in context_indices(index, len(stack), context_slices)]
+    return torch.cat(planes) if planes else torch.zeros((0, window.resolution, window.resolution))
+
+
 NATIVE_LIMIT = 4  # native windows wider than this x resolution are downsampled to it
 
 

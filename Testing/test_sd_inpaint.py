@@ -191,7 +191,7 @@ def test_cached_latents_give_the_same_losses_as_encoding_every_step(case, base):
         losses.append(stats["losses"])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     pool = WindowPool(backbone, windows, settings, torch.device("cpu"), Progress("none"))
-    assert set(pool.items[0]) == {"image", "region", "lesion"}  # uncached: pixels, encoded per use
+    assert set(pool.items[0]) == {"image", "region", "lesion", "context"}  # uncached: pixels, encoded per use
 
 
 def test_refuses_unsafe_or_unfit_checkpoints(tmp_path, case, base):

@@ -1,12 +1,15 @@
 """Slice-to-slice coherence of generated volumes, per --slice-coherence mode, on MSD Hippocampus.
 
     nice -n 10 python bench/coherence.py --out /tmp/coherence [--train 6 --eval 4 --samples 2
-        --train-steps 400 --model-size small --resolution 32 --modes independent,propagate --strengths 0.7]
+        --train-steps 400 --model-size small --resolution 32 --modes independent,propagate --strengths 0.7
+        --finetune-args "--context-slices 1"]
 
 Fine-tunes once on the first --train volumes (sorted names), then regenerates the hippocampus
 (--mask-source label, both labels as one foreground) of the next --eval volumes in place with every
-mode and the same seeds. Inside the real hippocampus mask it compares the statistics of
-MedDiffFTLib.coherence on each synthetic volume with the same statistic on the real volume:
+mode and the same seeds (``--finetune-args`` adds fine-tune options, e.g. "--context-slices 1",
+which sampling reads from the model: compare such arms in separate --out folders). Inside the real
+hippocampus mask it compares the statistics of MedDiffFTLib.coherence on each synthetic volume with
+the same statistic on the real volume:
 adjacent-slice correlation, through-plane / in-plane squared-step ratio, and roughness of the
 per-slice mean profile. Prints and writes OUT/coherence.json: per mode the median over (volume,
 sample) of each statistic and of its absolute distance to the real value (lower = more like real).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,6 +58,9 @@ def main() -> None:
     parser.add_argument("--modes", default="independent,propagate")
     parser.add_argument("--strengths", default="0.7",
                         help="--strength values tried with propagate (comma-separated)")
+    parser.add_argument("--finetune-args", default="", metavar="'ARGS'",
+                        help="extra `meddiffft finetune` options (they win over the bench's own), "
+                             "e.g. '--context-slices 1' or '--seed 1'")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} is missing: this benchmark needs the MSD Hippocampus volumes.")
@@ -63,7 +70,7 @@ def main() -> None:
         train = [a for image, label in volumes(args.train) for a in ("--image", image, "--label", label)]
         run_command(["finetune", *train, "--model-out", model, "--model-size", args.model_size,
                      "--resolution", args.resolution, "--train-steps", args.train_steps,
-                     "--qa", "off", "--mask-steps", "0", *common])
+                     "--qa", "off", "--mask-steps", "0", *common, *shlex.split(args.finetune_args)])
     configurations = []
     for mode in args.modes.split(","):
         strengths = args.strengths.split(",") if mode == "propagate" else ["0.7"]
