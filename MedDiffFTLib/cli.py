@@ -313,8 +313,10 @@ def _add_evaluate(commands) -> None:
                           help="segmenter budget in passes over the K cases' slices (arms that mix in "
                                "extra pairs get the steps to make the same passes); the best-validation "
                                "checkpoint is kept (default 1000)")
-    evaluate.add_argument("--seg-patience", type=int, default=10,
-                          help="stop after this many validations (40 per budget) without gain; 0 = never (default 10)")
+    evaluate.add_argument("--seg-patience", type=int, default=0,
+                          help="stop after this many validations (40 per budget) without gain; 0 = never, "
+                               "keep the best-validation checkpoint of the whole budget (default 0: with "
+                               "a few validation cases early stopping cut arms short on BUSI)")
     evaluate.add_argument("--seg-batch-size", type=int, default=8, help="segmenter batch size (default 8)")
     evaluate.add_argument("--seg-learning-rate", type=float, default=1e-3, help="segmenter Adam learning rate")
     evaluate.add_argument("--resolution", type=int, default=128,

@@ -31,7 +31,7 @@ class SegmenterSettings:
     learning_rate: float = 1e-3
     augmentation: str = "strong"  # "strong" (nnU-Net-like) | "none"
     validate_every: int = 100
-    patience: int = 10            # validations without improvement before stopping early (0 = never)
+    patience: int = 0             # validations without improvement before stopping early (0 = never)
     synthetic_fraction: float = 0.5  # share of each batch drawn from synthetic pairs when given
     seed: int = 0
 

@@ -107,6 +107,8 @@ def main() -> None:
                                               "--samples 4 --qa-keep 2")
     parser.add_argument("--arms", default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
     parser.add_argument("--unlabeled-pool", default="on", choices=("on", "off"))
+    parser.add_argument("--synthetic-fraction", default="0.5", help="share of each segmenter batch from the extra pairs")
+    parser.add_argument("--seg-patience", default="10", help="validations without gain before stopping (0 = never)")
     parser.add_argument("--max-side", type=int, default=0, help="copy the cases shrunk to this many px a side")
     parser.add_argument("--prepare-only", action="store_true", help="write the split (and copies) and stop")
     parser.add_argument("--device", default="cpu")
@@ -123,7 +125,8 @@ def main() -> None:
             "--k", str(args.k), "--seeds", str(args.seeds), "--seed", str(args.first_seed), "--validation-cases", "20",
             "--resolution", str(args.resolution), "--seg-epochs", str(args.seg_epochs),
             "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
-            "--unlabeled-pool", args.unlabeled_pool, "--device", args.device]
+            "--unlabeled-pool", args.unlabeled_pool, "--device", args.device,
+            "--synthetic-fraction", args.synthetic_fraction, "--seg-patience", args.seg_patience]
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
     started = time.monotonic()
     code = cli_main(argv)
