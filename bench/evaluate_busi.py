@@ -34,7 +34,8 @@ def busi_cases(work: Path, max_side: int) -> list[tuple[str, str, str]]:
     from PIL import Image
 
     (work / "masks").mkdir(parents=True, exist_ok=True)
-    (work / "cases").mkdir(exist_ok=True)
+    if max_side:
+        (work / "cases").mkdir(exist_ok=True)
     seen, cases = set(), []
     for kind in ("benign", "malignant"):
         for image in sorted((BUSI / kind / "images").glob("*.png")):
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument("--arms", default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
     parser.add_argument("--unlabeled-pool", default="on", choices=("on", "off"))
     parser.add_argument("--synthetic-fraction", default="0.5", help="share of each segmenter batch from the extra pairs")
-    parser.add_argument("--seg-patience", default="10", help="validations without gain before stopping (0 = never)")
+    parser.add_argument("--seg-patience", default="0", help="validations without gain before stopping (0 = never)")
     parser.add_argument("--max-side", type=int, default=0, help="copy the cases shrunk to this many px a side")
     parser.add_argument("--prepare-only", action="store_true", help="write the split (and copies) and stop")
     parser.add_argument("--device", default="cpu")
