@@ -16,7 +16,8 @@
 # past sampling. Every stage is CPU-bound per process (bench/gpu_stage_speeds.sh, H200: backbone
 # 17.5 steps/s alone and 17.5 each with 3 at once, 13.8 each with 6; mask generator 35 steps/s;
 # segmenter with augmentation ~20 steps/s; sampling 2-4 s per candidate with 6 at once), so one
-# subset needs ~14 min: fit it as two resumable calls, or cut --train-steps/--samples/--seg-epochs.
+# subset needs ~14 min: cut --train-steps/--samples/--seg-epochs, or split it over two calls once
+# evaluate's generation unit resumes (today an interrupted `run` starts its fine-tune again).
 set -u
 SUBSETS=${1:-6}
 LIMIT=${2:-400}
