@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(run)
     _add_quality(run, reference=True, filtering=True)
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    run.add_argument("--resume", action="store_true",
+                     help="keep an interrupted run's work in .OUT.partial next to OUT and continue "
+                          "it: the fine-tune resumes from its last checkpoint (same options), "
+                          "sampling starts again")
     _add_common(run)
 
     masks = commands.add_parser("masks", help="draw new lesion masks only (to plan variants)",
@@ -550,14 +554,17 @@ def _finetune_stages(args, cases: list, progress: Progress) -> list:
     return stages
 
 
-def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled: list) -> dict:
+def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled: list, *,
+              keep_checkpoints: bool | None = None) -> dict:
     from .backbone import resolve_device
     from .finetune import finetune_model
 
     slices, train = _settings(args)
     return finetune_model(cases, model_out=model_out, slices=slices, settings=train,
                           device=resolve_device(args.device), progress=progress, unlabeled=unlabeled,
-                          init_model=args.init_model, keep_checkpoints=getattr(args, "keep_checkpoints", False),
+                          init_model=args.init_model,
+                          keep_checkpoints=(getattr(args, "keep_checkpoints", False) if keep_checkpoints is None
+                                            else keep_checkpoints),
                           extra_stages=_finetune_stages(args, cases, progress))
 
 
@@ -653,9 +660,14 @@ def command_run(args, progress: Progress) -> dict:
     unlabeled = _read_unlabeled(args)
     _sample_settings(args)
     out = Path(args.out)
-    with staged_dir(out, args.overwrite) as tmp:
-        _finetune(args, progress, tmp / "model", cases, unlabeled)
+    with staged_dir(out, args.overwrite, resumable=args.resume) as tmp:
+        for leftover in tmp.iterdir():  # a resumed run keeps only the fine-tune's checkpoints
+            if leftover.name != "model":
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        # checkpoints stay until the run succeeds, so an interrupted sampling resumes the fine-tune
+        _finetune(args, progress, tmp / "model", cases, unlabeled, keep_checkpoints=args.resume)
         result = _sample_into(tmp, tmp / "model", cases, args, progress, out / "model")
+        shutil.rmtree(tmp / "model" / "checkpoints", ignore_errors=True)
     return {"out": str(out), "model": str(out / "model"), **result, "preview": str(out / "preview.png")}
 
 

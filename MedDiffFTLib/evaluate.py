@@ -27,7 +27,7 @@ import torch
 from .caseio import Case, read_case, read_cases_csv
 from .errors import MedDiffFTError
 from .masks import dilate
-from .outputs import write_json
+from .outputs import partial_dir, write_json
 from .progress import Progress
 from .segmenter import (SegmenterSettings, batch_shares, build_model, dice_per_image, encoder_features,
                         hd95_per_image, planes_to_tensor, predict, train_segmenter)
@@ -288,7 +288,7 @@ def _write_csv(path: Path, rows: list[tuple[str, str | None]], *, labels: bool =
 def _run_argv(seed_dir: Path, seed: int, settings: EvaluateSettings, unlabeled: bool) -> list[str]:
     argv = ["run", "--cases", str(seed_dir / "labeled.csv"), "--out", str(seed_dir / "generation"),
             "--samples", str(settings.synthetic_per_real), "--seed", str(seed), "--device", settings.device,
-            "--progress", "none"]
+            "--progress", "none", "--resume"]
     if unlabeled:
         argv += ["--unlabeled-cases", str(seed_dir / "unlabeled.csv")]
     return argv + list(settings.run_args)
@@ -345,16 +345,21 @@ def _unit_done(path: Path, key: dict) -> bool:
 
 def _generate(seed_dir: Path, seed: int, key: dict, rows: dict, settings: EvaluateSettings, unlabeled_on: bool,
               bar: _Bar, weight: int) -> list[dict]:
-    """Fine-tune and generate through `meddiffft run` (skipped when done with the same inputs);
-    returns the manifest's sample entries."""
+    """Fine-tune and generate through `meddiffft run --resume` (skipped when done with the same
+    inputs; an interrupted one continues its fine-tune from the last checkpoint); returns the
+    manifest's sample entries."""
     import shutil
 
     from .cli import run_command
 
     record_path, generation_dir = seed_dir / "generation.json", seed_dir / "generation"
+    started = seed_dir / "generation.started.json"
     child, finish = bar.unit(weight)
     if not _unit_done(record_path, key):
         shutil.rmtree(generation_dir, ignore_errors=True)
+        if not _unit_done(started, key):  # an interrupted generation of other inputs is not continued
+            shutil.rmtree(partial_dir(generation_dir), ignore_errors=True)
+            write_json(started, {"key": key})
         _write_csv(seed_dir / "labeled.csv", rows["labeled"])
         _write_csv(seed_dir / "unlabeled.csv", rows["unlabeled"], labels=False)
         began = _start_unit()

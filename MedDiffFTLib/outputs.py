@@ -27,17 +27,31 @@ def check_output_dir(path: Path, overwrite: bool, *, what: str = "--out") -> Non
                              "folder or pass --overwrite to replace it.")
 
 
+def partial_dir(path: Path) -> Path:
+    """Where a resumable command stages ``path``: kept when the command is interrupted."""
+    return path.with_name(f".{path.name}.partial")
+
+
 @contextmanager
-def staged_dir(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a sibling temporary folder; on success it replaces ``path``, on failure it is removed,
-    so ``path`` is never left half-written."""
+def staged_dir(path: Path, overwrite: bool, *, resumable: bool = False) -> Iterator[Path]:
+    """Yield a sibling temporary folder; on success it replaces ``path``, so ``path`` is never left
+    half-written. On failure it is removed, unless ``resumable``: then it is ``partial_dir(path)``,
+    kept, and yielded again to the next call (which continues from what it holds; ``overwrite``
+    starts it afresh)."""
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if resumable:
+        tmp = partial_dir(path)
+        if overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if path.exists():

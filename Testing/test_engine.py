@@ -157,6 +157,34 @@ def test_cancelled_run_writes_nothing(tmp_path, volume_case):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+def test_an_interrupted_run_with_resume_continues_its_finetune(tmp_path, volume_case):
+    image_path, label_path = volume_case(".nrrd")
+    args = ["run", "--image", image_path, "--label", label_path, *TRAIN_TINY, "--train-steps", "6",
+            *SAMPLE_TINY, "--mask-source", "label", "--erode", "0", *COMMON, "--resume"]
+    run_command([*args, "--out", tmp_path / "full"])
+    events = []
+
+    def cancel_after_four_steps():
+        return sum(1 for e in events if e.get("stage") == "finetune") >= 4
+
+    with pytest.raises(Cancelled):
+        run_command([*args, "--out", tmp_path / "out"], on_progress=events.append,
+                    should_cancel=cancel_after_four_steps)
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / ".out.partial" / "model" / "checkpoints" / "step-0000004").is_dir()
+    events.clear()
+    run_command([*args, "--out", tmp_path / "out"], on_progress=events.append)
+    assert [e["step"] for e in events if e.get("stage") == "finetune"] == [4, 5, 6]  # continued
+    assert not (tmp_path / ".out.partial").exists()
+    assert not (tmp_path / "out" / "model" / "checkpoints").exists()
+    for out in ("full", "out"):
+        assert len(manifest(tmp_path / out)["samples"]) == 2
+    for i in range(2):
+        full, resumed = (sitk.GetArrayFromImage(read(tmp_path / out / manifest(tmp_path / out)["samples"][i]["image"]))
+                         for out in ("full", "out"))
+        assert np.array_equal(full, resumed)
+
+
 def test_json_progress_protocol_and_exit_codes(tmp_path, volume_case):
     image_path, label_path = volume_case(".nrrd")
     cmd = [sys.executable, "-m", "MedDiffFTLib.cli", "run", "--image", str(image_path), "--label",

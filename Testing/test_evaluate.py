@@ -94,12 +94,20 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path):
     first = json.loads((out / "report.json").read_text())
     (out / "seed_1" / "real_plus_synthetic.json").unlink()   # as if stopped during the last unit
     (out / "report.json").unlink()
+    # seed 1's generation as if interrupted after inputs changed: its partial run is not continued
+    shutil.rmtree(out / "seed_1" / "generation")
+    (out / "seed_1" / "generation.json").unlink()
+    (out / "seed_1" / "generation.started.json").write_text(json.dumps({"key": {"other": "inputs"}}))
+    stale = out / "seed_1" / ".generation.partial" / "model" / "checkpoints" / "step-0000002"
+    stale.mkdir(parents=True)
+    (stale / "state.json").write_text(json.dumps({"fingerprint": "other inputs"}))  # resuming it would fail
     generated = (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns
     events = []
     run_command(["evaluate", "--train", split[0], "--test", split[1], "--out", out, "--k", "2", "--seeds", "2",
                  *SEG_TINY, *RUN_TINY, *COMMON], on_progress=events.append)
     assert (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns == generated
     assert numbers(json.loads((out / "report.json").read_text())) == numbers(first)
+    assert not (out / "seed_1" / ".generation.partial").exists()
     stages = {event["stage"] for event in events if "stage" in event}
     assert stages == {"evaluate"}  # one bar over the whole run
     trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns

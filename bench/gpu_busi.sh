@@ -16,8 +16,9 @@
 # past sampling. Every stage is CPU-bound per process (bench/gpu_stage_speeds.sh, H200: backbone
 # 17.5 steps/s alone and 17.5 each with 3 at once, 13.8 each with 6; mask generator 35 steps/s;
 # segmenter with augmentation ~20 steps/s; sampling 2-4 s per candidate with 6 at once), so one
-# subset needs ~14 min: cut --train-steps/--samples/--seg-epochs, or split it over two calls once
-# evaluate's generation unit resumes (today an interrupted `run` starts its fine-tune again).
+# subset needs ~14 min: cut --train-steps/--samples/--seg-epochs, or split it over two calls on one
+# warm machine (carry nothing the second time, so .busi stays): evaluate keeps finished units and an
+# interrupted fine-tune continues from its last checkpoint (`run --resume`); sampling starts again.
 set -u
 SUBSETS=${1:-6}
 LIMIT=${2:-400}
