@@ -126,16 +126,18 @@ def test_seeds_reproduce_and_differ_and_reload_reproduces(tmp_path, volume_case)
     assert np.array_equal(arrays(a, 1), arrays(tmp_path / "c", 1))
 
 
+def cancel_after_finetune_steps(events: list, steps: int):
+    """A should_cancel callback: true once ``events`` hold ``steps`` fine-tune progress events."""
+    return lambda: sum(1 for e in events if e.get("stage") == "finetune") >= steps
+
+
 def test_resume_after_interruption_gives_the_same_weights(tmp_path, volume_case):
     image_path, label_path = volume_case(".nrrd")
     args = ["finetune", "--image", image_path, "--label", label_path, *TRAIN_TINY,
             "--train-steps", "6", *COMMON]
     run_command([*args, "--model-out", tmp_path / "full"])
     events = []
-
-    def cancel_after_four_steps():
-        return sum(1 for e in events if e.get("stage") == "finetune") >= 4
-
+    cancel_after_four_steps = cancel_after_finetune_steps(events, 4)
     with pytest.raises(Cancelled):
         run_command([*args, "--model-out", tmp_path / "resumed"], on_progress=events.append,
                     should_cancel=cancel_after_four_steps)
@@ -163,10 +165,7 @@ def test_an_interrupted_run_with_resume_continues_its_finetune(tmp_path, volume_
             *SAMPLE_TINY, "--mask-source", "label", "--erode", "0", *COMMON, "--resume"]
     run_command([*args, "--out", tmp_path / "full"])
     events = []
-
-    def cancel_after_four_steps():
-        return sum(1 for e in events if e.get("stage") == "finetune") >= 4
-
+    cancel_after_four_steps = cancel_after_finetune_steps(events, 4)
     with pytest.raises(Cancelled):
         run_command([*args, "--out", tmp_path / "out"], on_progress=events.append,
                     should_cancel=cancel_after_four_steps)
