@@ -555,16 +555,14 @@ def _finetune_stages(args, cases: list, progress: Progress) -> list:
 
 
 def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled: list, *,
-              keep_checkpoints: bool | None = None) -> dict:
+              keep_checkpoints: bool = False) -> dict:
     from .backbone import resolve_device
     from .finetune import finetune_model
 
     slices, train = _settings(args)
     return finetune_model(cases, model_out=model_out, slices=slices, settings=train,
                           device=resolve_device(args.device), progress=progress, unlabeled=unlabeled,
-                          init_model=args.init_model,
-                          keep_checkpoints=(getattr(args, "keep_checkpoints", False) if keep_checkpoints is None
-                                            else keep_checkpoints),
+                          init_model=args.init_model, keep_checkpoints=keep_checkpoints,
                           extra_stages=_finetune_stages(args, cases, progress))
 
 
@@ -619,7 +617,7 @@ def command_finetune(args, progress: Progress) -> dict:
     unlabeled = _read_unlabeled(args)
     model_out = Path(args.model_out)
     _prepare_model_out(model_out, args)
-    _finetune(args, progress, model_out, cases, unlabeled)
+    _finetune(args, progress, model_out, cases, unlabeled, keep_checkpoints=args.keep_checkpoints)
     return {"out": str(model_out), "model": str(model_out)}
 
 
@@ -662,8 +660,10 @@ def command_run(args, progress: Progress) -> dict:
     out = Path(args.out)
     with staged_dir(out, args.overwrite, resumable=args.resume) as tmp:
         for leftover in tmp.iterdir():  # a resumed run keeps only the fine-tune's checkpoints
-            if leftover.name != "model":
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            if leftover.is_dir() and leftover.name != "model":
+                shutil.rmtree(leftover)
+            elif leftover.is_file():
+                leftover.unlink()
         # checkpoints stay until the run succeeds, so an interrupted sampling resumes the fine-tune
         _finetune(args, progress, tmp / "model", cases, unlabeled, keep_checkpoints=args.resume)
         result = _sample_into(tmp, tmp / "model", cases, args, progress, out / "model")

@@ -384,7 +384,6 @@ def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real,
     """Train and score one arm's segmenter (skipped when done with the same inputs)."""
     augmentation, pairs_name = ARMS[arm]
     record_path = seed_dir / f"{arm}.json"
-    steps = arm_steps(steps, settings.segmenter, pairs_name is not None)
     child, finish = bar.unit(steps)
     if not _unit_done(record_path, key):
         seg = SegmenterSettings(**{**asdict(settings.segmenter), "augmentation": augmentation, "seed": seed,
@@ -476,12 +475,13 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                 extra["copy_paste"] = copy_paste_pairs(*real, settings.synthetic_per_real * settings.k, seed)
             arms = {}
             for arm in settings.arms:
-                key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "real_passes": "equal",
+                budget = arm_steps(steps, settings.segmenter, ARMS[arm][1] is not None)
+                key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
                        "segmenter": asdict(settings.segmenter), "validation_cases": settings.validation_cases,
                        "train": record["train"], "test": record["test"], "k": settings.k,
                        **({"generation": generation_key} if ARMS[arm][1] == "synthetic" else {}),
                        **({"synthetic_per_real": settings.synthetic_per_real} if ARMS[arm][1] else {})}
-                arms[arm] = _train_arm(seed_dir, arm, seed, key, steps, real, validation, extra, test, settings,
+                arms[arm] = _train_arm(seed_dir, arm, seed, key, budget, real, validation, extra, test, settings,
                                        device, bar)
                 timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
             grid = grid or (real, extra.get("synthetic"))

@@ -78,11 +78,15 @@ for s in $(seq 0 $((SUBSETS - 1))); do
   grep -h Traceback -A30 "$OUT/subset_$s.log" | tail -8
   rm -rf "$WORK/run/seed_$s" && cp -r "$WORK/run_$s/seed_$s" "$WORK/run/" 2>/dev/null
 done
-OMP_NUM_THREADS=8 timeout 100 $PYTHON "${EVAL[@]}" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
-tail -3 "$OUT/collect.log"
-cat "$WORK/run/report.md" 2>/dev/null
+if [ "$(grep -l 'exit 0 after' "$OUT"/subset_*.log | wc -l)" -eq "$SUBSETS" ]; then
+  OMP_NUM_THREADS=8 timeout 100 $PYTHON "${EVAL[@]}" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
+  tail -3 "$OUT/collect.log"
+  cat "$WORK/run/report.md" 2>/dev/null
+else  # collecting would start the unfinished subsets afresh in WORK/run
+  echo "not every subset finished: run this script again (carrying nothing) and they continue" | tee "$OUT/collect.log"
+fi
 for s in $(seq 0 $((SUBSETS - 1))); do
-  tar -czf "$OUT/seed_$s.tgz" -C "$WORK/run" --exclude "generation/model" --exclude "real_plus_*.safetensors" \
+  tar -czf "$OUT/seed_$s.tgz" -C "$WORK/run" --exclude "generation/model" --exclude ".generation.partial" --exclude "real_plus_*.safetensors" \
     "seed_$s" 2>/dev/null
 done
 tar -czf "$OUT/report.tgz" -C "$WORK/run" --ignore-failed-read report.json report.md dice_per_seed.png \
