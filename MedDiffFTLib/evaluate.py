@@ -18,17 +18,19 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .caseio import Case, read_case, read_cases_csv
+from .caseio import Case, cast_like, read_case, read_cases_csv
 from .errors import MedDiffFTError
+from .generate import Sample
 from .masks import dilate
 from .outputs import partial_dir, write_json
 from .progress import Progress
+from .quality import QualityFilter
 from .segmenter import (SegmenterSettings, batch_shares, build_model, dice_per_image, encoder_features,
                         hd95_per_image, planes_to_tensor, predict, train_segmenter)
 from .slicing import choose_axis, slice_stack
@@ -114,21 +116,47 @@ def case_tensors(case: Case, resolution: int, *, lesion_slices_only: bool = Fals
             planes_to_tensor([masks[i] for i in keep], resolution, is_mask=True))
 
 
-def copy_paste_pairs(images: torch.Tensor, masks: torch.Tensor, count: int, seed: int) -> Pairs:
-    """Context baseline: a real lesion (its labeled pixels) pasted at its place into another real
-    slice; the label is the union of both."""
-    donors = [i for i in range(len(images)) if masks[i].any()]
-    if len(images) < 2 or not donors:
-        return images[:0], masks[:0]
+def on_grid(case: Case, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A case's image (its dtype; linear) and foreground (nearest) resized to another array shape
+    (trailing colour axis kept): "the same place" across cases of different sizes."""
+    from scipy import ndimage
+
+    if case.image.shape == tuple(shape):
+        return case.image, case.foreground
+    factors = [target / size for target, size in zip(shape, case.image.shape)]
+    image = ndimage.zoom(case.image.astype(np.float32), factors, order=1, mode="nearest", grid_mode=True)
+    foreground = ndimage.zoom(case.foreground.astype(np.uint8), factors[:case.foreground.ndim], order=0,
+                              mode="nearest", grid_mode=True) > 0
+    return cast_like(image, case), foreground
+
+
+def copy_paste_cases(cases: list[Case], count: int, seed: int,
+                     quality: QualityFilter | None = None) -> tuple[list[Case], list[dict]]:
+    """Context baseline: a real lesion (its labeled pixels, resized with its case to the other's
+    grid) pasted at its place into another real case; the label is the union of both. With
+    ``quality`` (the run's QA) each pair is judged as a synthetic one is, except memorization: a
+    pasted lesion is a training lesion by design. Returns the kept pairs and every pair's QA scores."""
+    donors = [i for i, case in enumerate(cases) if case.foreground.any()]
+    if len(cases) < 2 or not donors:
+        return [], []
     rng = np.random.default_rng(seed)
-    out_images, out_masks = [], []
+    kept, scores = [], []
     for n in range(count):
         donor = donors[n % len(donors)]
-        recipient = int(rng.choice([i for i in range(len(images)) if i != donor]))
-        lesion = masks[donor] > 0
-        out_images.append(torch.where(lesion, images[donor], images[recipient]))
-        out_masks.append(torch.maximum(masks[recipient], masks[donor]))
-    return torch.stack(out_images), torch.stack(out_masks)
+        recipient = cases[int(rng.choice([i for i in range(len(cases)) if i != donor]))]
+        image, lesion = on_grid(cases[donor], recipient.image.shape)
+        pasted = np.where(lesion[..., None] if image.ndim > lesion.ndim else lesion, image, recipient.image)
+        union = recipient.foreground | lesion
+        pair = replace(recipient, image=pasted, label=union.astype(np.uint8), foreground=union)
+        if quality is not None:
+            sample = Sample(image=pasted, label=pair.label, foreground=union, guide=lesion, regenerated=lesion,
+                            background=recipient, seed=n, slices=[], seconds=0.0)
+            passed, score = quality.assess(sample, cases[donor], check_memorization=False)
+            scores.append(score)
+            if not passed:
+                continue
+        kept.append(pair)
+    return kept, scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +333,20 @@ def _generation_weight(argv: list[str], k: int) -> int:
     return args.train_steps + pretrain + args.samples * k
 
 
+def _stack(pairs: list[Pairs], resolution: int) -> Pairs:
+    if not pairs:
+        return torch.zeros((0, 1, resolution, resolution)), torch.zeros((0, 1, resolution, resolution))
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def _run_quality(model_dir: Path, device: torch.device) -> QualityFilter | None:
+    """The generation's QA (None when it ran with --qa off)."""
+    from .backbone import read_model_card
+
+    card = read_model_card(model_dir)
+    return QualityFilter.load(model_dir, card, device) if "quality" in card else None
+
+
 def _load_segmenter(path: Path, device: torch.device) -> torch.nn.Module:
     from safetensors.torch import load_file
 
@@ -429,8 +471,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         for image, label in rows:
             if image not in loaded:
                 loaded[image] = case_tensors(read_case(image, label), resolution)
-        pairs = [loaded[image] for image, _ in rows]
-        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        return _stack([loaded[image] for image, _ in rows], resolution)
 
     test = [case_tensors(read_case(image, label), resolution) for image, label in split.test]
     started = time.monotonic()
@@ -455,6 +496,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
             validation = stacked(rows["validation"])
             extra: dict[str, Pairs] = {}
             timings: dict[str, dict] = {}
+            qa_summary: dict[str, dict | None] = {}
             generation_key = {**generation_inputs, "seed": seed}
             if needs_generation:
                 generation_dir = seed_dir / "generation"
@@ -470,22 +512,34 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                     raise MedDiffFTError(f"The generation for seed {seed} kept no samples "
                                          f"({generation_dir / 'manifest.json'}); loosen the QA options "
                                          "in --run-args.")
-                extra["synthetic"] = (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
+                extra["synthetic"] = _stack(pairs, resolution)
             if "real_plus_copy_paste" in settings.arms:
-                extra["copy_paste"] = copy_paste_pairs(*real, settings.synthetic_per_real * settings.k, seed)
+                quality = _run_quality(seed_dir / "generation" / "model", device) if needs_generation else None
+                pasted, qa_scores = copy_paste_cases([read_case(image, label) for image, label in rows["labeled"]],
+                                                     settings.synthetic_per_real * settings.k, seed, quality)
+                extra["copy_paste"] = _stack([case_tensors(case, resolution, lesion_slices_only=True)
+                                              for case in pasted], resolution)
+                qa_summary["copy_paste_qa"] = ({"kept": len(pasted), "candidates": len(qa_scores)}
+                                               if quality is not None else None)
             arms = {}
             for arm in settings.arms:
-                budget = arm_steps(steps, settings.segmenter, ARMS[arm][1] is not None)
+                pairs_name = ARMS[arm][1]
+                budget = arm_steps(steps, settings.segmenter, pairs_name is not None)
+                segmenter = asdict(settings.segmenter)
+                if pairs_name is None:  # unused without extra pairs: another fraction keeps this arm's result
+                    del segmenter["synthetic_fraction"]
                 key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
-                       "segmenter": asdict(settings.segmenter), "validation_cases": settings.validation_cases,
+                       "segmenter": segmenter, "validation_cases": settings.validation_cases,
                        "train": record["train"], "test": record["test"], "k": settings.k,
-                       **({"generation": generation_key} if ARMS[arm][1] == "synthetic" else {}),
-                       **({"synthetic_per_real": settings.synthetic_per_real} if ARMS[arm][1] else {})}
+                       **({"generation": generation_key} if pairs_name == "synthetic" else {}),
+                       **({"qa_from_generation": generation_key if qa_summary["copy_paste_qa"] else None}
+                          if pairs_name == "copy_paste" else {}),
+                       **({"synthetic_per_real": settings.synthetic_per_real} if pairs_name else {})}
                 arms[arm] = _train_arm(seed_dir, arm, seed, key, budget, real, validation, extra, test, settings,
                                        device, bar)
                 timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
             grid = grid or (real, extra.get("synthetic"))
-            per_seed[seed] = {"arms": arms, "timings": timings,
+            per_seed[seed] = {"arms": arms, "timings": timings, **qa_summary,
                               **_synthetic_metrics(seed_dir, real, test, extra.get("synthetic"), arms, device)}
     report = build_report(per_seed, settings, record, split, unlabeled_on, time.monotonic() - started)
     write_report(out, report, per_seed, *grid)
@@ -601,6 +655,11 @@ def report_markdown(report: dict, arms: list[str]) -> str:
     for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
         if key in report:
             lines.append(f"- {key}: {_number(report[key], 4)}")
+    if "real_plus_copy_paste" in arms:
+        qa = [row.get("copy_paste_qa") for row in report["per_seed_synthetic"]]
+        lines.append("- copy-paste pairs: " + ("through the generation's QA (memorization not judged), kept "
+                                               + ", ".join(f"{q['kept']}/{q['candidates']}" for q in qa)
+                                               if all(qa) else "not filtered (no QA reference)"))
     lines += ["", f"Total time: {report['timings']['total_seconds']} s. Plots: dice_per_seed.png, "
               "samples_grid.png, loss_curves.png.", ""]
     return "\n".join(lines)

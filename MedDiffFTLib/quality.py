@@ -385,7 +385,9 @@ class QualityFilter:
             return self.segmenters[fold], self.entry["cross_fit"]
         return self.segmenters[0], True
 
-    def assess(self, sample: Sample, source: Case) -> tuple[bool, dict]:
+    def assess(self, sample: Sample, source: Case, *, check_memorization: bool = True) -> tuple[bool, dict]:
+        """Scores and verdict; ``check_memorization=False`` reports the memorization SSIM without
+        judging it (for pairs that copy a training lesion by design, such as copy-paste)."""
         background = sample.background
         found = lesion_slices(sample.image, sample.guide, background.spacing, background.is_2d,
                               self.slices_card)
@@ -412,13 +414,13 @@ class QualityFilter:
             scores["cross_fit_note"] = ("cross-fitting impossible: the segmenter trained on this "
                                         "background (one training case); Dice not used to reject")
         scores = {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
-        reasons, margins = self._judge(scores, cross_fit)
+        reasons, margins = self._judge(scores, cross_fit, check_memorization)
         scores["overall"] = round(float(np.mean(margins)), 4)
         scores["passed"] = not reasons
         scores["reason"] = "; ".join(reasons) or None
         return not reasons, scores
 
-    def _judge(self, scores: dict, cross_fit: bool) -> tuple[list[str], list[float]]:
+    def _judge(self, scores: dict, cross_fit: bool, check_memorization: bool) -> tuple[list[str], list[float]]:
         """Reasons to reject, and each check's margin (positive = passes; higher = better)."""
         t = self.thresholds
         reasons, margins = [], []
@@ -430,10 +432,11 @@ class QualityFilter:
             reasons.append(f"not painted: lesion/ring contrast {scores['contrast']:.2f} below the "
                            f"calibrated {paint:.2f}")
         memo = t["memorization_max_ssim"]
-        margins.append((memo - scores["memorization_ssim"]) / memo)
-        if scores["memorization_ssim"] > memo:
-            reasons.append(f"memorized: SSIM {scores['memorization_ssim']:.3f} to a training lesion "
-                           f"ROI above {memo:.3f}")
+        if check_memorization:
+            margins.append((memo - scores["memorization_ssim"]) / memo)
+            if scores["memorization_ssim"] > memo:
+                reasons.append(f"memorized: SSIM {scores['memorization_ssim']:.3f} to a training lesion "
+                               f"ROI above {memo:.3f}")
         realism = t["realism_max_distance"]
         if realism is not None:
             margins.append((realism - scores["realism_distance"]) / max(realism, 1e-3))

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import COMMON, SHARED_DATA, TRAIN_TINY
+from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
-from MedDiffFTLib.evaluate import copy_paste_pairs, kid, memorization_rate
+from MedDiffFTLib.evaluate import copy_paste_cases, kid, memorization_rate
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -77,6 +78,8 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
         assert [row["steps_run"] for row in report[arm]["per_seed"]] == \
             [2 * row["steps_run"] for row in report["real_only"]["per_seed"]]
     assert report["settings"]["unlabeled_pool_used"] is True and report["settings"]["k"] == 2
+    assert [row["copy_paste_qa"] for row in report["per_seed_synthetic"]] == [None, None]  # run with --qa off
+    assert "copy-paste pairs: not filtered (no QA reference)" in (tmp_path / "a" / "report.md").read_text()
     subsets = [json.loads((tmp_path / "a" / f"seed_{s}" / "subset.json").read_text()) for s in (0, 1)]
     assert subsets[0]["labeled"] != subsets[1]["labeled"]  # a different K-subset per seed
     for subset in subsets:
@@ -111,6 +114,10 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path):
     stages = {event["stage"] for event in events if "stage" in event}
     assert stages == {"evaluate"}  # one bar over the whole run
     trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
+    mixed = (out / "seed_0" / "real_plus_synthetic.json").stat().st_mtime_ns
+    evaluate(split, out, "--synthetic-fraction", "0.4")  # only the mixed arm uses the fraction
+    assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained
+    assert (out / "seed_0" / "real_plus_synthetic.json").stat().st_mtime_ns != mixed
     evaluate(split, out, "--seg-epochs", "3")  # new segmenter inputs: the arms are redone, not the generation
     assert (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns == generated
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
@@ -146,14 +153,27 @@ def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
         evaluate(split, tmp_path / "out")
 
 
-def test_copy_paste_memorization_and_kid_on_hand_made_data():
-    images = torch.zeros(2, 1, 8, 8)
-    masks = torch.zeros(2, 1, 8, 8)
-    images[0, 0, 2:4, 2:4], masks[0, 0, 2:4, 2:4] = 0.9, 1
-    images[1] = 0.2
-    pasted_images, pasted_masks = copy_paste_pairs(images, masks, 1, seed=0)
-    assert torch.equal(pasted_masks[0], masks[0])
-    assert float(pasted_images[0, 0, 2, 2]) == pytest.approx(0.9) and float(pasted_images[0, 0, 0, 0]) == pytest.approx(0.2)
+def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_and_kid(tmp_path):
+    from PIL import Image
+
+    donor, recipient = np.full((8, 8), 50, np.uint8), np.full((16, 16), 20, np.uint8)
+    donor_mask, recipient_mask = np.zeros((8, 8), np.uint8), np.zeros((16, 16), np.uint8)
+    donor[2:4, 2:4], donor_mask[2:4, 2:4] = 200, 255
+    recipient_mask[12:14, 12:14] = 255
+    for name, array in (("donor", donor), ("donor_mask", donor_mask), ("recipient", recipient),
+                        ("recipient_mask", recipient_mask)):
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+    cases = [read_case(str(tmp_path / f"{name}.png"), str(tmp_path / f"{name}_mask.png"))
+             for name in ("donor", "recipient")]
+    pasted, scores = copy_paste_cases(cases, 1, seed=0)
+    assert scores == [] and len(pasted) == 1  # no QA given
+    lesion = np.zeros((16, 16), bool)
+    lesion[4:8, 4:8] = True  # the donor's lesion at the same relative place on the 2x grid
+    image = pasted[0].image[0]
+    assert np.array_equal(image[~lesion], recipient[~lesion]) and (image[5:7, 5:7] == 200).all()
+    assert (image[lesion] > 100).all()  # lesion pixels (linearly resized), none of the recipient's
+    assert np.array_equal(pasted[0].foreground[0], (recipient_mask > 0) | lesion)
+    assert (cases[1].image[0] == 20).all()  # the input case is not modified
     textured = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     lesions = torch.zeros(3, 1, 16, 16)
     lesions[:, :, 4:12, 4:12] = 1

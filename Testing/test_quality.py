@@ -16,6 +16,7 @@ from conftest import COMMON, SAMPLE_TINY, SHARED_DATA, TRAIN_TINY
 from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
+from MedDiffFTLib.evaluate import copy_paste_cases
 from MedDiffFTLib.finetune import SliceSettings
 from MedDiffFTLib.generate import Sample
 from MedDiffFTLib.phantom import ultrasound_phantom
@@ -77,6 +78,22 @@ def test_rejects_a_copy_of_a_training_image(phantoms):
     keep, scores = quality.assess(sample_of(train[0].image, train[0].foreground, train[1]), train[0])
     assert not keep and scores["memorization_ssim"] == 1.0
     assert "memorized: SSIM 1.000 to a training lesion ROI above 0.950" in scores["reason"]
+
+
+def test_memorization_can_be_reported_without_being_judged(phantoms):
+    train, quality, _ = phantoms
+    keep, scores = quality.assess(sample_of(train[0].image, train[0].foreground, train[1]), train[0],
+                                  check_memorization=False)
+    assert scores["memorization_ssim"] == 1.0 and "memorized" not in (scores["reason"] or "")
+
+
+def test_copy_paste_pairs_go_through_the_same_qa(phantoms):
+    train, quality, _ = phantoms
+    pasted, scores = copy_paste_cases(train, 6, seed=0, quality=quality)
+    assert len(scores) == 6 and len(pasted) == sum(score["passed"] for score in scores) > 0
+    assert all(score["cross_fit"] and score["faithfulness_dice"] is not None for score in scores)
+    recipients = {case.image_path: case for case in train}
+    assert all(pair.foreground.sum() > recipients[pair.image_path].foreground.sum() for pair in pasted)
 
 
 def test_thresholds_are_calibrated_on_the_real_lesions(phantoms):
