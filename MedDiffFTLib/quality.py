@@ -452,9 +452,11 @@ class QualityFilter:
         return reasons, margins
 
     def summary(self, kept: list[dict], rejected: list[dict], keep_best: int | None) -> dict:
-        """The manifest's QA overview: thresholds, counts, and how often each check rejected."""
+        """The manifest's QA overview: thresholds, counts, and how often each check rejected (a sample
+        whose lesion could not be placed never reached QA: "not placed")."""
         checks = Counter(check for entry in rejected for check in
-                         {part.split(":")[0] for part in (entry["reason"] or "").split("; ") if part})
+                         ({part.split(":")[0] for part in (entry["reason"] or "").split("; ") if part}
+                          if "qa" in entry else {"not placed"}))
         return {"kept": len(kept), "rejected": len(rejected), "keep_best": keep_best,
                 "rejections_by_check": dict(checks), "thresholds": self.thresholds,
                 "cross_fit": self.entry["cross_fit"], "calibration": self.entry["calibration"]}

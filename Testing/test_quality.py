@@ -96,6 +96,16 @@ def test_copy_paste_pairs_go_through_the_same_qa(phantoms):
     assert all(pair.foreground.sum() > recipients[pair.image_path].foreground.sum() for pair in pasted)
 
 
+def test_rejections_are_counted_per_check(phantoms):
+    _, quality, _ = phantoms
+    rejected = [{"reason": "--jitter could not place the lesion inside the image in 20 tries; lower the "
+                           "jitter bounds or use --mask-source label."},
+                {"reason": "unrealistic: feature distance 6.81; not painted: contrast -0.81", "qa": {}},
+                {"reason": "unrealistic: feature distance 5.02", "qa": {}}]
+    assert quality.summary([], rejected, None)["rejections_by_check"] == {"not placed": 1, "unrealistic": 2,
+                                                                          "not painted": 1}
+
+
 def test_thresholds_are_calibrated_on_the_real_lesions(phantoms):
     train, quality, _ = phantoms
     entry = quality.entry
