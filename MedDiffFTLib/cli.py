@@ -178,8 +178,9 @@ def _add_quality(parser: argparse.ArgumentParser, *, reference: bool, filtering:
     group.add_argument("--qa", default="on", choices=("on", "off"),
                        help="on (default): fine-tuning builds a quality reference from the labeled "
                             "lesions (model folder's quality/), sampling scores every sample "
-                            "(realism, paint, memorization, mask faithfulness; manifest \"qa\") and "
-                            "rejects those below the thresholds calibrated on the real lesions")
+                            "(realism, paint, memorization, mask faithfulness, healed; manifest "
+                            "\"qa\") and rejects those below the thresholds calibrated on the real "
+                            "lesions")
     if reference:
         group.add_argument("--qa-percentile", type=float, default=95.0,
                            help="share (%%) of real lesions each calibrated check lets pass (default 95)")

@@ -1,6 +1,6 @@
 """Quality assessment: score every sample against the real training lesions and reject bad ones.
 
-Four checks, each with a threshold calibrated at fine-tune time on real-vs-real scores of the
+Five checks, each with a threshold calibrated at fine-tune time on real-vs-real scores of the
 training data (so "as good as the real lesions are among themselves", not a hand-picked constant):
 a one-sided Student-t prediction bound that a new real lesion meets with the chosen probability,
 wide when the training cases are few.
@@ -20,7 +20,11 @@ wide when the training cases are few.
   cross-fitted over the training cases: a sample is scored by one that never saw its background
   image (a segmenter that memorised an image is fooled by it); its threshold comes from the
   segmenters' Dice on their held-out real cases. With one training case cross-fitting is
-  impossible: the Dice is reported but not used to reject.
+  impossible: the Dice is reported but not used to reject;
+- healed: where the background's own lesion was painted over, the same segmenter must find no
+  more lesion than it finds on real lesion-free tissue of a lesion's shape (the held-out cases'
+  masks moved onto nearby tissue); a half-healed lesion left under a background label teaches a
+  downstream segmenter to miss lesions.
 
 The reference (real features, ROIs, contrasts, fold segmenters) lives in the model folder's
 ``quality/`` as safetensors; thresholds go to the model card under ``"quality"``.
@@ -270,7 +274,7 @@ def build_reference(cases: list[Case], slices_card: dict, settings: QualitySetti
     fold_of = np.arange(len(cases)) % folds
     directory = model_out / QUALITY_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    held_out_dice, segmenters = [], []
+    held_out_dice, segmenters, models = [], [], []
     for fold in range(folds):
         train_cases = [c for c, f in zip(cases, fold_of) if f != fold or folds == 1]
         images, masks = _segmenter_data(train_cases, slices_card, settings.segmenter_resolution)
@@ -282,10 +286,13 @@ def build_reference(cases: list[Case], slices_card: dict, settings: QualitySetti
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(directory / name))
         segmenters.append(name)
+        models.append(model)
     save_file({"features": torch.from_numpy((features - centre) / scale), "rois": rois.contiguous(),
                "centre": torch.from_numpy(centre), "scale": torch.from_numpy(scale)},
               str(directory / REFERENCE_FILE))
     faithfulness = max(0.0, prediction_bound(held_out_dice, q, upper=False) or 0.0) if folds > 1 else None
+    healed, tissue_detected = (healed_bound(cases, fold_of, models, slices_card, settings) if folds > 1
+                               else (None, []))
     return {
         "settings": asdict(settings),
         "features": list(FEATURES),
@@ -300,6 +307,7 @@ def build_reference(cases: list[Case], slices_card: dict, settings: QualitySetti
             "paint_min_contrast": min(paint_bounds, default=0.0),
             "memorization_max_ssim": max(settings.copy_ssim, prediction_bound(ssim_loo, q, upper=True) or 0.0),
             "faithfulness_min_dice": faithfulness,
+            "healed_max_detected": healed,
         },
         "calibration": {
             "percentile": q,
@@ -308,9 +316,25 @@ def build_reference(cases: list[Case], slices_card: dict, settings: QualitySetti
             "tissue_contrasts": _summary(direction * tissue[:, FEATURES.index("contrast")]),
             "real_ssim_to_other_cases": _summary(ssim_loo),
             "held_out_dice": _summary(held_out_dice),
+            "tissue_detected": _summary(tissue_detected),
             "notes": _calibration_notes(len(cases), len(tissue) > 0),
         },
     }
+
+
+def healed_bound(cases: list[Case], fold_of, models: list[torch.nn.Module], slices_card: dict,
+                 settings: QualitySettings) -> tuple[float | None, list[float]]:
+    """The most lesion a healed place may show, and the values it comes from: what each fold's
+    segmenter finds on its held-out cases' lesion-free tissue (their masks moved onto nearby tissue,
+    ``tissue_masks``), as a prediction bound."""
+    values: list[float] = []
+    for case, fold in zip(cases, fold_of):
+        found = lesion_slices(case.image, case.foreground, case.spacing, case.is_2d, slices_card)
+        for stored, mask in zip(found.stored, found.masks):
+            moved = tissue_masks(mask)
+            values += list(_detected(models[fold], [stored] * len(moved), moved, settings.segmenter_resolution))
+    bound = prediction_bound(values, settings.percentile, upper=True)
+    return (None if bound is None else min(1.0, max(0.0, bound))), values
 
 
 def _summary(values) -> dict | None:
@@ -331,6 +355,21 @@ def _calibration_notes(cases: int, tissue_found: bool) -> list[str]:
         notes.append("No lesion-free tissue of the lesion's size next to the real lesions: the "
                      "paint threshold comes from the real lesions' contrast alone.")
     return notes
+
+
+def _detected(model: torch.nn.Module, planes: list[np.ndarray], regions: list[np.ndarray],
+              resolution: int) -> np.ndarray:
+    """Per plane: the share of the region the segmenter marks as lesion (regions that survive
+    resizing)."""
+    if not planes:
+        return np.zeros(0)
+    images = planes_to_tensor(planes, resolution)
+    masks = planes_to_tensor(regions, resolution, is_mask=True) > 0
+    visible = masks.flatten(1).any(dim=1)
+    if not visible.any():
+        return np.zeros(0)
+    found = predict(model, images[visible]) & masks[visible]
+    return (found.flatten(1).sum(1) / masks[visible].flatten(1).sum(1)).numpy().astype(np.float64)
 
 
 def _faithfulness(model: torch.nn.Module, found: LesionSlices, resolution: int) -> np.ndarray:
@@ -409,6 +448,10 @@ class QualityFilter:
         model, cross_fit = self._segmenter_for(background)
         dice = _faithfulness(model, found, self.settings.segmenter_resolution)
         scores["faithfulness_dice"] = float(dice.mean()) if dice.size else None
+        healed = background.foreground & sample.regenerated & ~sample.guide  # the background's lesion, painted over
+        old = lesion_slices(sample.image, healed, background.spacing, background.is_2d, self.slices_card)
+        detected = _detected(model, old.stored, old.masks, self.settings.segmenter_resolution)
+        scores["healed_detected"] = float(detected.mean()) if detected.size else None
         scores["cross_fit"] = cross_fit
         if not cross_fit:
             scores["cross_fit_note"] = ("cross-fitting impossible: the segmenter trained on this "
@@ -449,6 +492,12 @@ class QualityFilter:
             if scores["faithfulness_dice"] < faithful:
                 reasons.append(f"mask not faithful: segmenter Dice {scores['faithfulness_dice']:.2f} "
                                f"vs the guide below the calibrated {faithful:.2f}")
+        healed = t.get("healed_max_detected")  # absent in model folders made before the check
+        if healed is not None and cross_fit and scores["healed_detected"] is not None:
+            margins.append(healed - scores["healed_detected"])
+            if scores["healed_detected"] > healed:
+                reasons.append(f"not healed: the segmenter finds a lesion on {scores['healed_detected']:.0%} "
+                               f"of the removed lesion's place, above the calibrated {healed:.0%}")
         return reasons, margins
 
     def summary(self, kept: list[dict], rejected: list[dict], keep_best: int | None) -> dict:

@@ -24,7 +24,8 @@ from MedDiffFTLib.progress import Progress
 from MedDiffFTLib.quality import QualityFilter, QualitySettings, build_reference, prediction_bound
 
 SLICES = asdict(SliceSettings())
-TINY_QA = QualitySettings(folds=3, segmenter_steps=20, segmenter_resolution=32)
+# 150 steps: with fewer, the segmenters find lesions on plain tissue too, and the healed check cannot be shown
+TINY_QA = QualitySettings(folds=3, segmenter_steps=150, segmenter_resolution=32)
 HELD_OUT_SEED = 6  # a phantom none of the training cases (seeds 0..4) is made from
 
 
@@ -50,8 +51,10 @@ def phantoms(tmp_path_factory):
 
 
 def sample_of(image: np.ndarray, guide: np.ndarray, background) -> Sample:
+    """As the engine makes them: the guide and the background's own lesion regenerated."""
     return Sample(image=image, label=guide.astype(np.uint8), foreground=guide, guide=guide,
-                  regenerated=guide, background=background, seed=0, slices=[0], seconds=0.0)
+                  regenerated=guide | background.foreground, background=background, seed=0, slices=[0],
+                  seconds=0.0)
 
 
 def test_keeps_a_real_held_out_lesion(phantoms):
@@ -78,6 +81,17 @@ def test_rejects_a_copy_of_a_training_image(phantoms):
     keep, scores = quality.assess(sample_of(train[0].image, train[0].foreground, train[1]), train[0])
     assert not keep and scores["memorization_ssim"] == 1.0
     assert "memorized: SSIM 1.000 to a training lesion ROI above 0.950" in scores["reason"]
+
+
+def test_rejects_a_sample_whose_old_lesion_is_still_there(phantoms):
+    train, quality, held_out = phantoms
+    background, lesion, image = train[3], held_out.foreground[..., ::-1], held_out.image[..., ::-1]
+    assert not (background.foreground & lesion).any()  # the new lesion lies elsewhere
+    painted = np.where(lesion, image, background.image)  # the old lesion left as it was
+    keep, scores = quality.assess(sample_of(painted, lesion, background), held_out)
+    healed = quality.thresholds["healed_max_detected"]
+    assert not keep and scores["healed_detected"] > healed
+    assert f"not healed: the segmenter finds a lesion on {scores['healed_detected']:.0%}" in scores["reason"]
 
 
 def test_memorization_can_be_reported_without_being_judged(phantoms):
@@ -118,6 +132,9 @@ def test_thresholds_are_calibrated_on_the_real_lesions(phantoms):
     # paint: at most the lower prediction bound of the real lesions' contrast
     assert quality.thresholds["paint_min_contrast"] < calibration["real_contrasts"]["min"]
     assert calibration["tissue_contrasts"]["max"] < calibration["real_contrasts"]["min"]
+    # healed: the fold segmenters' lesion share on held-out lesion-free tissue bounds what a healed place may show
+    assert calibration["tissue_detected"]["n"] > 5
+    assert calibration["tissue_detected"]["median"] < quality.thresholds["healed_max_detected"] < 1.0
     for sample_index, case in enumerate(train):  # each training case is scored by the fold that never saw it
         model, cross_fit = quality._segmenter_for(case)
         assert cross_fit and model is quality.segmenters[entry["fold_of_case"][sample_index]]
@@ -192,7 +209,7 @@ def test_qa_keep_keeps_exactly_n_and_lists_the_rest(tmp_path):
     assert (qa["kept"], qa["rejected"], qa["keep_best"]) == (3, 6, 1)
     assert sum(qa["rejections_by_check"].values()) >= 6
     assert set(qa["thresholds"]) == {"realism_max_distance", "paint_min_contrast",
-                                     "memorization_max_ssim", "faithfulness_min_dice"}
+                                     "memorization_max_ssim", "faithfulness_min_dice", "healed_max_detected"}
     assert sorted(p.name for p in out.glob("sample_*_label.png")) == [
         "sample_001_label.png", "sample_002_label.png", "sample_003_label.png"]
     assert (out / "model" / "quality" / "reference.safetensors").is_file()

@@ -1,0 +1,88 @@
+"""What the QA's healed check does to an evaluation's synthetic pairs, without fine-tuning again.
+
+For each seed of an existing `meddiffft evaluate` folder (SRC), the fine-tuned model is copied,
+its healed-check threshold is calibrated on its own fold segmenters and labeled cases (as
+fine-tuning now does: `quality.healed_bound`), and the run's sampling is repeated with the same
+options and seed (`meddiffft sample`), so candidates are the same and only the QA differs. The
+result is a new evaluation folder (OUT) whose generation units match SRC's key, so rerunning the
+same `evaluate` command on OUT (bench/evaluate_busi.py --run-dir) trains only the arms.
+Also prints, per seed, how many pairs SRC kept and how many the healed check keeps.
+
+    nice .venv/bin/python bench/healed_check.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1h \
+        --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def calibrate(model_dir: Path, labeled_csv: Path) -> dict:
+    """Add the healed threshold to a model folder made before the check; returns the QA entry."""
+    import torch
+
+    from MedDiffFTLib.backbone import MODEL_CARD, read_model_card
+    from MedDiffFTLib.caseio import read_case, read_cases_csv
+    from MedDiffFTLib.quality import QualityFilter, healed_bound, image_key
+
+    card = read_model_card(model_dir)
+    quality = QualityFilter.load(model_dir, card, torch.device("cpu"))
+    by_key = {}
+    for image, label in read_cases_csv(str(labeled_csv)):
+        case = read_case(image, label, allow_empty=True)
+        by_key[image_key(case.image)] = case
+    cases = [by_key[key] for key in quality.entry["cases"]]  # the fine-tune's order and folds
+    bound, values = healed_bound(cases, quality.entry["fold_of_case"], quality.segmenters, card["slices"],
+                                 quality.settings)
+    entry = card["quality"]
+    entry["thresholds"]["healed_max_detected"] = bound
+    entry["calibration"]["tissue_detected"] = {"n": len(values), "median": float(sorted(values)[len(values) // 2])}
+    (model_dir / MODEL_CARD).write_text(json.dumps(card, indent=2))
+    return entry
+
+
+def main() -> None:
+    from MedDiffFTLib.cli import run_command
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, required=True, help="an evaluation folder with generations")
+    parser.add_argument("--out", type=Path, required=True, help="the new evaluation folder")
+    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--sample-args", default="--samples 4 --qa-keep 2",
+                        help="the sampling options of the evaluation's --run-args")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(args.src / "settings.json", args.out / "settings.json")
+    for seed in args.seeds:
+        src, out = args.src / f"seed_{seed}", args.out / f"seed_{seed}"
+        if (out / "generation" / "manifest.json").is_file():
+            continue
+        out.mkdir(exist_ok=True)
+        for name in ("subset.json", "labeled.csv", "unlabeled.csv", "generation.json", "generation.started.json",
+                     "real_only.json", "real_only.safetensors"):
+            shutil.copy(src / name, out / name)
+        model = out / "model.staged"
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(src / "generation" / "model", model)
+        entry = calibrate(model, out / "labeled.csv")
+        shutil.rmtree(out / "generation", ignore_errors=True)
+        run_command(["sample", "--model", str(model), "--cases", str(out / "labeled.csv"), "--seed", str(seed),
+                     "--device", "cpu", "--progress", "none", "--out", str(out / "generation"),
+                     *shlex.split(args.sample_args)])
+        model.rename(out / "generation" / "model")
+        before = json.loads((src / "generation" / "manifest.json").read_text())["qa"]
+        after = json.loads((out / "generation" / "manifest.json").read_text())["qa"]
+        print(f"seed {seed}: healed threshold {entry['thresholds']['healed_max_detected']:.3f}; kept "
+              f"{before['kept']} -> {after['kept']}; rejections {after['rejections_by_check']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
