@@ -33,7 +33,7 @@ from .progress import Progress
 from .quality import QualityFilter
 from .segmenter import (SegmenterSettings, batch_shares, build_model, dice_per_image, encoder_features,
                         hd95_per_image, planes_to_tensor, predict, train_segmenter)
-from .slicing import choose_axis, slice_stack
+from .slicing import choose_axis, slice_stack, to_channels
 
 # arm name -> (augmentation, extra pairs mixed into each batch)
 ARMS = {"real_no_aug": ("none", None), "real_only": ("strong", None),
@@ -116,18 +116,19 @@ def case_tensors(case: Case, resolution: int, *, lesion_slices_only: bool = Fals
             planes_to_tensor([masks[i] for i in keep], resolution, is_mask=True))
 
 
-def on_grid(case: Case, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """A case's image (its dtype; linear) and foreground (nearest) resized to another array shape
-    (trailing colour axis kept): "the same place" across cases of different sizes."""
+def on_grid(case: Case, target: Case) -> tuple[np.ndarray, np.ndarray]:
+    """A case's image (linear, within its own intensity range) and foreground (nearest) carried onto
+    another case's array grid, channel count and pixel type: "the same place" across cases of other
+    sizes."""
     from scipy import ndimage
 
-    if case.image.shape == tuple(shape):
-        return case.image, case.foreground
-    factors = [target / size for target, size in zip(shape, case.image.shape)]
-    image = ndimage.zoom(case.image.astype(np.float32), factors, order=1, mode="nearest", grid_mode=True)
-    foreground = ndimage.zoom(case.foreground.astype(np.uint8), factors[:case.foreground.ndim], order=0,
-                              mode="nearest", grid_mode=True) > 0
-    return cast_like(image, case), foreground
+    image, foreground = to_channels(case.image, target.channels), case.foreground
+    if foreground.shape != target.foreground.shape:
+        factors = [new / old for new, old in zip(target.foreground.shape, foreground.shape)]
+        image = ndimage.zoom(image.astype(np.float32), factors + [1.0] * (image.ndim - foreground.ndim), order=1,
+                             mode="nearest", grid_mode=True)
+        foreground = ndimage.zoom(foreground.astype(np.uint8), factors, order=0, mode="nearest", grid_mode=True) > 0
+    return cast_like(image, case).astype(target.image.dtype, copy=False), foreground
 
 
 def copy_paste_cases(cases: list[Case], count: int, seed: int,
@@ -144,7 +145,7 @@ def copy_paste_cases(cases: list[Case], count: int, seed: int,
     for n in range(count):
         donor = donors[n % len(donors)]
         recipient = cases[int(rng.choice([i for i in range(len(cases)) if i != donor]))]
-        image, lesion = on_grid(cases[donor], recipient.image.shape)
+        image, lesion = on_grid(cases[donor], recipient)
         pasted = np.where(lesion[..., None] if image.ndim > lesion.ndim else lesion, image, recipient.image)
         union = recipient.foreground | lesion
         pair = replace(recipient, image=pasted, label=union.astype(np.uint8), foreground=union)

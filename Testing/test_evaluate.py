@@ -174,6 +174,10 @@ def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_a
     assert (image[lesion] > 100).all()  # lesion pixels (linearly resized), none of the recipient's
     assert np.array_equal(pasted[0].foreground[0], (recipient_mask > 0) | lesion)
     assert (cases[1].image[0] == 20).all()  # the input case is not modified
+    Image.fromarray(np.stack([recipient, recipient, recipient + 10], axis=-1)).save(tmp_path / "colour.png")
+    colour = read_case(str(tmp_path / "colour.png"), str(tmp_path / "recipient_mask.png"))
+    pasted, _ = copy_paste_cases([cases[0], colour], 1, seed=0)  # a grey lesion into a colour case
+    assert pasted[0].image.shape == (1, 16, 16, 3) and (pasted[0].image[0, 5:7, 5:7] == 200).all()
     textured = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     lesions = torch.zeros(3, 1, 16, 16)
     lesions[:, :, 4:12, 4:12] = 1
