@@ -357,29 +357,27 @@ def _calibration_notes(cases: int, tissue_found: bool) -> list[str]:
     return notes
 
 
-def _detected(model: torch.nn.Module, planes: list[np.ndarray], regions: list[np.ndarray],
-              resolution: int) -> np.ndarray:
-    """Per plane: the share of the region the segmenter marks as lesion (regions that survive
-    resizing)."""
-    if not planes:
-        return np.zeros(0)
+def _predicted(model: torch.nn.Module, planes: list[np.ndarray], regions: list[np.ndarray],
+               resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segmenter's prediction and the regions, at its resolution, for the planes whose region
+    survives resizing (bool, (N, 1, R, R))."""
     images = planes_to_tensor(planes, resolution)
     masks = planes_to_tensor(regions, resolution, is_mask=True) > 0
     visible = masks.flatten(1).any(dim=1)
-    if not visible.any():
-        return np.zeros(0)
-    found = predict(model, images[visible]) & masks[visible]
-    return (found.flatten(1).sum(1) / masks[visible].flatten(1).sum(1)).numpy().astype(np.float64)
+    return predict(model, images[visible]), masks[visible]
+
+
+def _detected(model: torch.nn.Module, planes: list[np.ndarray], regions: list[np.ndarray],
+              resolution: int) -> np.ndarray:
+    """Per plane: the share of the region the segmenter marks as lesion."""
+    prediction, masks = _predicted(model, planes, regions, resolution)
+    return ((prediction & masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp_min(1)).numpy().astype(np.float64)
 
 
 def _faithfulness(model: torch.nn.Module, found: LesionSlices, resolution: int) -> np.ndarray:
-    """Per-slice Dice of the segmenter against the masks (slices whose mask survives resizing)."""
-    images = planes_to_tensor(found.stored, resolution)
-    masks = planes_to_tensor(found.masks, resolution, is_mask=True)
-    visible = masks.flatten(1).any(dim=1)
-    if not visible.any():
-        return np.zeros(0)
-    return dice_per_image(predict(model, images[visible]), masks[visible])
+    """Per-slice Dice of the segmenter against the masks."""
+    prediction, masks = _predicted(model, found.stored, found.masks, resolution)
+    return dice_per_image(prediction, masks) if len(masks) else np.zeros(0)
 
 
 # ---------------------------------------------------------------------------------------------
