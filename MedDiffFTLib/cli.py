@@ -308,7 +308,8 @@ def _add_evaluate(commands) -> None:
                           help="more options for `run`, in one quoted string (e.g. '--qa-keep 2 --resolution 64')")
     evaluate.add_argument("--arms", default="real_only,real_plus_synthetic",
                           help="comma-separated arms: real_only (strong augmentation), "
-                               "real_plus_synthetic, real_no_aug, real_plus_copy_paste "
+                               "real_plus_synthetic, real_no_aug, real_plus_copy_paste (labeled lesions "
+                               "pasted into other labeled cases, judged by the generation's QA) "
                                "(default: real_only,real_plus_synthetic)")
     evaluate.add_argument("--seg-epochs", type=int, default=1000,
                           help="segmenter budget in passes over the K cases' slices (arms that mix in "
