@@ -6,8 +6,8 @@ malignant) and the rest as the training pool. Arms: real only with strong augmen
 + synthetic pairs (b), real without strong augmentation (a0) and real + copy-paste pairs (c).
 
 Usage (a run folder is resumable; a larger --seeds reuses finished seeds; the defaults are the
-protocol of the README table's last row: 5 subsets, 1000 segmenter epochs, half of each batch
-synthetic, the 400 + 800-step generator):
+protocol of the README table's last rows: 5 subsets, 1000 segmenter epochs, half of each batch
+synthetic, the 400 + 800-step generator; QA now includes the healed check):
   nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval
 On 2 cores: two processes (--first-seed 0 --seeds 3, --first-seed 3 --seeds 2), then one plain
 call collects the report (about 25 min per subset on one core of the development machine).
