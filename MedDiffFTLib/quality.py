@@ -292,7 +292,7 @@ def build_reference(cases: list[Case], slices_card: dict, settings: QualitySetti
               str(directory / REFERENCE_FILE))
     faithfulness = max(0.0, prediction_bound(held_out_dice, q, upper=False) or 0.0) if folds > 1 else None
     healed, tissue_detected = (healed_bound(cases, fold_of, models, slices_card, settings) if folds > 1
-                               else (None, []))
+                               else (None, None))
     return {
         "settings": asdict(settings),
         "features": list(FEATURES),
@@ -316,16 +316,17 @@ def build_reference(cases: list[Case], slices_card: dict, settings: QualitySetti
             "tissue_contrasts": _summary(direction * tissue[:, FEATURES.index("contrast")]),
             "real_ssim_to_other_cases": _summary(ssim_loo),
             "held_out_dice": _summary(held_out_dice),
-            "tissue_detected": _summary(tissue_detected),
+            "tissue_detected": tissue_detected,
             "notes": _calibration_notes(len(cases), len(tissue) > 0),
         },
     }
 
 
 def healed_bound(cases: list[Case], fold_of, models: list[torch.nn.Module], slices_card: dict,
-                 settings: QualitySettings) -> tuple[float | None, list[float]]:
-    """The most lesion a healed place may show, and the values it comes from: what each fold's
-    segmenter finds on its held-out cases' lesion-free tissue (their masks moved onto nearby tissue,
+                 settings: QualitySettings) -> tuple[float | None, dict | None]:
+    """The most lesion a healed place may show (the threshold ``healed_max_detected``) and a summary
+    of the values it comes from (calibration ``tissue_detected``): what each fold's segmenter finds
+    on its held-out cases' lesion-free tissue (their masks moved onto nearby tissue,
     ``tissue_masks``), as a prediction bound."""
     values: list[float] = []
     for case, fold in zip(cases, fold_of):
@@ -334,7 +335,7 @@ def healed_bound(cases: list[Case], fold_of, models: list[torch.nn.Module], slic
             moved = tissue_masks(mask)
             values += list(_detected(models[fold], [stored] * len(moved), moved, settings.segmenter_resolution))
     bound = prediction_bound(values, settings.percentile, upper=True)
-    return (None if bound is None else min(1.0, max(0.0, bound))), values
+    return (None if bound is None else min(1.0, max(0.0, bound))), _summary(values)
 
 
 def _summary(values) -> dict | None:

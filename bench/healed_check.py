@@ -40,11 +40,9 @@ def calibrate(model_dir: Path, labeled_csv: Path) -> dict:
         case = read_case(image, label, allow_empty=True)
         by_key[image_key(case.image)] = case
     cases = [by_key[key] for key in quality.entry["cases"]]  # the fine-tune's order and folds
-    bound, values = healed_bound(cases, quality.entry["fold_of_case"], quality.segmenters, card["slices"],
-                                 quality.settings)
     entry = card["quality"]
-    entry["thresholds"]["healed_max_detected"] = bound
-    entry["calibration"]["tissue_detected"] = {"n": len(values), "median": float(sorted(values)[len(values) // 2])}
+    entry["thresholds"]["healed_max_detected"], entry["calibration"]["tissue_detected"] = healed_bound(
+        cases, quality.entry["fold_of_case"], quality.segmenters, card["slices"], quality.settings)
     (model_dir / MODEL_CARD).write_text(json.dumps(card, indent=2))
     return entry
 
