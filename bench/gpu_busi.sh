@@ -24,6 +24,8 @@ SUBSETS=${1:-6}
 LIMIT=${2:-400}
 WORK=${WORK:-.busi}
 OUT=${OUT:-/tmp/gpu_busi}
+# GENERATE_ONLY=1: each subset stops once its generation is recorded (no smoke runs, no arms); the
+# seed_S.tgz then hold the generations, and the arms train on any machine with the same command.
 # A dry run of the mechanics on a CPU workstation: PYTHON=.venv/bin/python DEVICE=cpu SEG_EPOCHS=2
 #   RUN_ARGS="--resolution 32 --model-size tiny --train-steps 3 --pretrain-steps 3 --qa off" bash bench/gpu_busi.sh 2 300
 PYTHON=${PYTHON:-python3}
@@ -42,14 +44,16 @@ $PYTHON -c "import torch, diffusers, monai, SimpleITK; print('torch', torch.__ve
 
 EVAL=(bench/evaluate_busi.py --work "$WORK" --seg-epochs "$SEG_EPOCHS" --device "$DEVICE"
       --arms real_only,real_plus_synthetic,real_plus_copy_paste --run-args "$RUN_ARGS")
-THREADS=$(( $(nproc) / (SUBSETS + 1) ))
+SHARES=$SUBSETS
+[ -n "${GENERATE_ONLY:-}" ] || SHARES=$((SUBSETS + 1))  # the smoke runs take one share of the cores
+THREADS=$(( $(nproc) / SHARES ))
 THREADS=$(( THREADS > 0 ? THREADS : 1 ))
 started=$(date +%s)
 
 # Tiny runs through every stage on the GPU, beside the real ones, so a failure shows within a minute:
 # with QA (a 3-step model may rightly have every sample rejected: an error, not a crash) and without.
 smokes=()
-for qa in on off; do
+for qa in $([ -n "${GENERATE_ONLY:-}" ] || echo on off); do
   OMP_NUM_THREADS=$THREADS $PYTHON -m MedDiffFTLib.cli evaluate --train "$WORK/train.csv" --test "$WORK/test.csv" \
     --out "/tmp/smoke_$qa" --k 4 --validation-cases 2 --seeds 1 --seg-epochs 2 --resolution 32 --device "$DEVICE" \
     --arms real_only,real_plus_synthetic --progress none --run-args "--resolution 32 --model-size tiny \
@@ -63,12 +67,25 @@ for s in $(seq 0 $((SUBSETS - 1))); do
     > "$OUT/subset_$s.log" 2>&1 &
   pids+=($!)
 done
-wait "${smokes[@]}"
-if grep -q Traceback "$OUT"/smoke_*.log; then
-  echo "SMOKE FAILED after $(( $(date +%s) - started )) s"; tail -40 "$OUT"/smoke_*.log
-  kill "${pids[@]}" 2>/dev/null; exit 1
+if [ -n "${GENERATE_ONLY:-}" ]; then
+  running=1
+  while [ "$running" = 1 ]; do
+    running=0
+    for s in $(seq 0 $((SUBSETS - 1))); do
+      if [ -f "$WORK/run_$s/seed_$s/generation.json" ]; then kill "${pids[$s]}" 2>/dev/null
+      elif kill -0 "${pids[$s]}" 2>/dev/null; then running=1; fi
+    done
+    sleep 5
+  done
+  echo "generations done after $(( $(date +%s) - started )) s"
+else
+  wait "${smokes[@]}"
+  if grep -q Traceback "$OUT"/smoke_*.log; then
+    echo "SMOKE FAILED after $(( $(date +%s) - started )) s"; tail -40 "$OUT"/smoke_*.log
+    kill "${pids[@]}" 2>/dev/null; exit 1
+  fi
+  echo "smokes passed after $(( $(date +%s) - started )) s: $(grep -hv -i warn "$OUT"/smoke_*.log | tail -n2)"
 fi
-echo "smokes passed after $(( $(date +%s) - started )) s: $(grep -hv -i warn "$OUT"/smoke_*.log | tail -n2)"
 for pid in "${pids[@]}"; do wait "$pid"; done
 echo "subsets done after $(( $(date +%s) - started )) s"
 mkdir -p "$WORK/run"
@@ -78,7 +95,9 @@ for s in $(seq 0 $((SUBSETS - 1))); do
   grep -h Traceback -A30 "$OUT/subset_$s.log" | tail -8
   rm -rf "$WORK/run/seed_$s" && cp -r "$WORK/run_$s/seed_$s" "$WORK/run/" 2>/dev/null
 done
-if [ "$(grep -l 'exit 0 after' "$OUT"/subset_*.log | wc -l)" -eq "$SUBSETS" ]; then
+if [ -n "${GENERATE_ONLY:-}" ]; then
+  ls "$WORK"/run/seed_*/generation.json | tee "$OUT/collect.log"
+elif [ "$(grep -l 'exit 0 after' "$OUT"/subset_*.log | wc -l)" -eq "$SUBSETS" ]; then
   OMP_NUM_THREADS=8 timeout 100 $PYTHON "${EVAL[@]}" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
   tail -3 "$OUT/collect.log"
   cat "$WORK/run/report.md" 2>/dev/null
