@@ -22,6 +22,8 @@
 set -u
 SUBSETS=${1:-6}
 LIMIT=${2:-400}
+FIRST=${FIRST:-0}  # the subsets are seeds FIRST .. FIRST + SUBSETS - 1
+SEEDS=$(seq "$FIRST" $((FIRST + SUBSETS - 1)))
 WORK=${WORK:-.busi}
 OUT=${OUT:-/tmp/gpu_busi}
 # GENERATE_ONLY=1: each subset stops once its generation is recorded (no smoke runs, no arms); the
@@ -62,16 +64,16 @@ for qa in $([ -n "${GENERATE_ONLY:-}" ] || echo on off); do
   smokes+=($!)
 done
 pids=()
-for s in $(seq 0 $((SUBSETS - 1))); do
+for s in $SEEDS; do
   OMP_NUM_THREADS=$THREADS timeout "$LIMIT" $PYTHON "${EVAL[@]}" --run-dir "run_$s" --first-seed "$s" --seeds 1 \
     > "$OUT/subset_$s.log" 2>&1 &
-  pids+=($!)
+  pids[$s]=$!
 done
 if [ -n "${GENERATE_ONLY:-}" ]; then
   running=1
   while [ "$running" = 1 ]; do
     running=0
-    for s in $(seq 0 $((SUBSETS - 1))); do
+    for s in $SEEDS; do
       if [ -f "$WORK/run_$s/seed_$s/generation.json" ]; then kill "${pids[$s]}" 2>/dev/null
       elif kill -0 "${pids[$s]}" 2>/dev/null; then running=1; fi
     done
@@ -90,7 +92,7 @@ for pid in "${pids[@]}"; do wait "$pid"; done
 echo "subsets done after $(( $(date +%s) - started )) s"
 mkdir -p "$WORK/run"
 cp "$(ls "$WORK"/run_*/settings.json | head -1)" "$WORK/run/"
-for s in $(seq 0 $((SUBSETS - 1))); do
+for s in $SEEDS; do
   echo "== subset $s: $(tail -1 "$OUT/subset_$s.log")"
   grep -h Traceback -A30 "$OUT/subset_$s.log" | tail -8
   rm -rf "$WORK/run/seed_$s" && cp -r "$WORK/run_$s/seed_$s" "$WORK/run/" 2>/dev/null
@@ -98,13 +100,13 @@ done
 if [ -n "${GENERATE_ONLY:-}" ]; then
   ls "$WORK"/run/seed_*/generation.json | tee "$OUT/collect.log"
 elif [ "$(grep -l 'exit 0 after' "$OUT"/subset_*.log | wc -l)" -eq "$SUBSETS" ]; then
-  OMP_NUM_THREADS=8 timeout 100 $PYTHON "${EVAL[@]}" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
+  OMP_NUM_THREADS=8 timeout 100 $PYTHON "${EVAL[@]}" --first-seed "$FIRST" --seeds "$SUBSETS" > "$OUT/collect.log" 2>&1
   tail -3 "$OUT/collect.log"
   cat "$WORK/run/report.md" 2>/dev/null
 else  # collecting would start the unfinished subsets afresh in WORK/run
   echo "not every subset finished: run this script again (carrying nothing) and they continue" | tee "$OUT/collect.log"
 fi
-for s in $(seq 0 $((SUBSETS - 1))); do
+for s in $SEEDS; do
   tar -czf "$OUT/seed_$s.tgz" -C "$WORK/run" --exclude "generation/model" --exclude ".generation.partial" --exclude "real_plus_*.safetensors" \
     "seed_$s" 2>/dev/null
 done
