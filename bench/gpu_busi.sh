@@ -19,6 +19,15 @@
 # subset needs ~14 min: cut --train-steps/--samples/--seg-epochs, or split it over two calls on one
 # warm machine (carry nothing the second time, so .busi stays): evaluate keeps finished units and an
 # interrupted fine-tune continues from its last checkpoint (`run --resume`); sampling starts again.
+#
+# Measured 2026-11-27 on a lent H200, generation only (the README's native-scale row):
+#   GENERATE_ONLY=1 RUN_ARGS="--resolution 64 --pretrain-steps 500 --train-steps 1300 --train-minutes 2.5
+#     --mask-steps 600 --samples 4 --qa-keep 2 --qa-segmenter-steps 400 --sampling-steps 20" bash bench/gpu_busi.sh 5 520
+# (carry .busi/cases .busi/masks .busi/train.csv .busi/test.csv .whl): all 5 generations in 351 s
+# (308-322 s each: 1800 backbone steps in ~139 s at 13 steps/s, mask generator 26 s, then the QA's
+# fold segmenters and 80 candidates); 38 s more for the machine's start and the transfers. Then on
+# the workstation: untar OUT/seed_S.tgz into .busi/run/, copy OUT/report.tgz's settings.json there,
+# and run bench/evaluate_busi.py --work .busi --arms real_only,real_plus_synthetic --run-args "SAME".
 set -u
 SUBSETS=${1:-6}
 LIMIT=${2:-400}
