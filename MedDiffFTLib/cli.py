@@ -231,8 +231,13 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                        help="guide mask: generator (default) draws a new lesion from the model "
                             "folder's mask generator and places it inside --allowed-region; label "
                             "keeps the case's label; jitter moves, scales and rotates it within "
-                            "bounds (the old lesion is healed in every case)")
+                            "bounds (the old lesion is healed, see --old-lesion)")
     _add_allowed_region(group)
+    group.add_argument("--old-lesion", default="heal", choices=("heal", "keep"),
+                       help="the background's own lesion: heal (default; painted over as tissue, "
+                            "the label no longer marks it) or keep (with --mask-source generator: "
+                            "it stays real and labeled, and the new lesion is placed clear of it, "
+                            "so no half-healed lesion can sit under a background label)")
     group.add_argument("--erode", default="auto", metavar="auto|0|PX",
                        help="mask corrosion of the output label, in-plane per slice: auto (default; "
                             "a radius of 5%% of each lesion slice's equivalent radius, so lesions "
@@ -494,9 +499,11 @@ def _settings(args):
 def _sample_settings(args):
     from .corrosion import parse_erode
     from .generate import SampleSettings
+    from .masks import check_mask_source
 
     if args.samples <= 0 or args.sampling_steps <= 0:
         raise MedDiffFTError("--samples and --sampling-steps must be positive.")
+    check_mask_source(args.mask_source, allowed_region=args.allowed_region, old_lesion=args.old_lesion)
     if args.qa_keep is not None and not (args.qa == "on" and 1 <= args.qa_keep <= args.samples):
         raise MedDiffFTError(f"--qa-keep {args.qa_keep}: keep 1 to --samples ({args.samples}) samples, "
                              "with --qa on.")
@@ -581,8 +588,8 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
     settings = _sample_settings(args)
     backgrounds = [read_case(path, None, require_label=False) for path in args.background]
     backbone, card, bank = load_model(model_dir, resolve_device(args.device))
-    mask_source = make_mask_source(settings.mask_source, model_dir=model_dir,
-                                   allowed_region=args.allowed_region, device=resolve_device(args.device))
+    mask_source = make_mask_source(settings.mask_source, model_dir=model_dir, allowed_region=args.allowed_region,
+                                   old_lesion=args.old_lesion, device=resolve_device(args.device))
     quality = None
     if args.qa == "on":
         from .quality import QualityFilter

@@ -146,7 +146,7 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
     axis = choose_axis(background.spacing, slices_cfg["axis"], background.is_2d)
     label, foreground = place_label(case.label, case.foreground, background.foreground.shape)
     proposal = mask_source.propose(label, foreground, axis, rng, background)
-    old = background.foreground  # the background's own lesion (if any) is healed where not repainted
+    old = proposal.healed  # the background's own lesion (if healed) is painted over where not repainted
     new_stack = slice_stack(proposal.foreground, axis)
     old_stack = slice_stack(old, axis)
     intensity = fit_intensity(background.image, slices_cfg["intensity"])
@@ -224,6 +224,7 @@ def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, back
         changed = changed.any(axis=-1) if changed.ndim > proposal.foreground.ndim else changed
     out_label, out_foreground, erosion = erode_label(proposal.label, proposal.foreground, axis,
                                                      settings.erode, changed=changed)
+    out_foreground |= background.foreground & ~proposal.healed & ~regenerated  # a kept old lesion
     return Sample(image=out_image, label=out_label, foreground=out_foreground, guide=proposal.foreground,
                   regenerated=regenerated, background=background, seed=seed,
                   slices=[int(s) for s, _ in todo], seconds=round(time.monotonic() - started, 3),

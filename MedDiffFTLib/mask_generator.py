@@ -248,10 +248,12 @@ def body_region(image: np.ndarray) -> np.ndarray:
 class GeneratorMaskSource:
     """New lesions drawn from the mask generator (see the module docstring), placed inside
     ``allowed_region`` (a mask file on the background's grid, or a segment of the background's
-    own label; default: the image's body)."""
+    own label; default: the image's body). The background's own lesion is healed, or with
+    ``keep_old`` kept, labeled, and kept clear of like any other label."""
 
     generator: MaskGenerator
     allowed_region: str | None = None
+    keep_old: bool = False
     bounds: GeometryBounds = field(default_factory=GeometryBounds)
     name: str = "generator"
     regions: dict = field(default_factory=dict, repr=False)  # per background image path
@@ -279,7 +281,7 @@ class GeneratorMaskSource:
         noise = torch.Generator().manual_seed(seed)
         allowed = slice_stack(self.region(background), axis)
         margin = max(2, round(self.bounds.margin * min(allowed.shape[1:])))
-        others = slice_stack((label != 0) & ~foreground, axis)
+        others = slice_stack(background.label != 0 if self.keep_old else (label != 0) & ~foreground, axis)
         if self.allowed_region is not None and not os.path.isfile(self.allowed_region):
             others = others & ~allowed  # the segment the lesion goes into (e.g. the organ) is no obstacle
         forbidden = ~allowed | np.stack([ndimage.distance_transform_edt(~plane) <= margin if plane.any()
@@ -315,14 +317,19 @@ class GeneratorMaskSource:
             new = np.moveaxis(new, 0, axis)
             values, counts = np.unique(label[foreground], return_counts=True)
             value = values[np.argmax(counts)] if len(values) else 1
-            _, nearest = ndimage.distance_transform_edt(foreground, return_indices=True)
-            out_label = label[tuple(nearest)]  # the healed old lesion takes the label around it
+            if self.keep_old:  # the background's own labels, its lesion included
+                out_label = background.label.copy()
+            else:  # the healed old lesion takes the label around it
+                _, nearest = ndimage.distance_transform_edt(foreground, return_indices=True)
+                out_label = label[tuple(nearest)]
             out_label[new] = value
             details = {"mask_seed": seed, "area_px": peak, "max_training_iou": round(novelty, 4),
                        "real_lesion": lesion_index, "lesion_slices": len(lesion),
                        "placement": [int(s) for s in start],
-                       "allowed_region": self.allowed_region or "body", **geometry}
-            return Proposal(out_label, new, details)
+                       "allowed_region": self.allowed_region or "body",
+                       "old_lesion": "keep" if self.keep_old else "heal", **geometry}
+            healed = np.zeros_like(background.foreground) if self.keep_old else background.foreground.copy()
+            return Proposal(out_label, new, details, healed)
         raise PlacementError(f"The mask generator could not place a new lesion ({low:.0f}-{high:.0f} px) "
                              f"inside the allowed region in {MAX_TRIES} tries: give a larger "
                              "--allowed-region, or use --mask-source jitter.")

@@ -64,11 +64,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Proposal:
     """A new label for one sample: ``label`` holds label values on the background grid,
-    ``foreground`` the lesion to paint; ``details`` are recorded in the manifest."""
+    ``foreground`` the lesion to paint, ``healed`` the background's own lesion to paint over as
+    tissue (the label no longer marks it); ``details`` are recorded in the manifest."""
 
     label: np.ndarray
     foreground: np.ndarray
     details: dict
+    healed: np.ndarray
 
 
 class MaskSource(Protocol):
@@ -87,7 +89,7 @@ class LabelMaskSource:
     name = "label"
 
     def propose(self, label, foreground, axis, rng, background):
-        return Proposal(label.copy(), foreground.copy(), {})
+        return Proposal(label.copy(), foreground.copy(), {}, background.foreground.copy())
 
 
 @dataclass
@@ -128,7 +130,7 @@ class JitterMaskSource:
         out_label[new_fg] = new_label[new_fg]
         details = {"scale": scale, "rotation_deg": angle, "shift_px": [float(s) for s in shift]}
         return Proposal(np.moveaxis(out_label, 0, axis).copy(), np.moveaxis(new_fg, 0, axis).copy(),
-                        details)
+                        details, background.foreground.copy())
 
     @staticmethod
     def _transform(stack: np.ndarray, *, foreground_only: np.ndarray, scale: float, angle: float,
@@ -167,16 +169,31 @@ def place_label(label: np.ndarray, foreground: np.ndarray, shape: tuple[int, ...
 
 
 MASK_SOURCES = ("label", "jitter", "generator")
+OLD_LESION = ("heal", "keep")
 
 
-def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
-                     allowed_region: str | None = None, device: "torch.device | None" = None) -> MaskSource:
-    """The run's mask source; ``generator`` loads the mask model from ``model_dir`` once."""
+def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesion: str = "heal") -> None:
+    """Reject mask-source options that do not go together (before any training is spent)."""
     if name not in MASK_SOURCES:
         raise MedDiffFTError(f"--mask-source {name}: choose one of {', '.join(MASK_SOURCES)}.")
+    if old_lesion not in OLD_LESION:
+        raise MedDiffFTError(f"--old-lesion {old_lesion}: choose one of {', '.join(OLD_LESION)}.")
     if allowed_region is not None and name != "generator":
         raise MedDiffFTError(f"--allowed-region places generated lesions (--mask-source generator); "
                              f"with --mask-source {name} drop it.")
+    if old_lesion == "keep" and name != "generator":
+        raise MedDiffFTError(f"--old-lesion keep adds a generated lesion next to the old one "
+                             f"(--mask-source generator); --mask-source {name} repaints the old lesion "
+                             "itself: drop --old-lesion or use --mask-source generator.")
+
+
+def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
+                     allowed_region: str | None = None, old_lesion: str = "heal",
+                     device: "torch.device | None" = None) -> MaskSource:
+    """The run's mask source; ``generator`` loads the mask model from ``model_dir`` once.
+    ``old_lesion`` keep: a generated lesion is added next to the background's own lesion, which
+    stays real and labeled (heal: it is painted over as tissue)."""
+    check_mask_source(name, allowed_region=allowed_region, old_lesion=old_lesion)
     if name == "label":
         return LabelMaskSource()
     if name == "jitter":
@@ -189,4 +206,4 @@ def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
         raise MedDiffFTError("--mask-source generator needs the model folder: build the source with "
                              "make_mask_source('generator', model_dir=...) and pass it to generate_samples.")
     generator = MaskGenerator.load(model_dir, device or torch.device("cpu"))
-    return GeneratorMaskSource(generator, allowed_region)
+    return GeneratorMaskSource(generator, allowed_region, keep_old=old_lesion == "keep")

@@ -445,7 +445,9 @@ class QualityFilter:
         rois = torch.stack([lesion_roi(p, m, self.settings.roi_size) for p, m in zip(found.planes, found.masks)])
         scores["memorization_ssim"] = float(_ssim_to_reference(rois, self.reference["rois"]).max())
         model, cross_fit = self._segmenter_for(background)
-        dice = _faithfulness(model, found, self.settings.segmenter_resolution)
+        labeled = lesion_slices(sample.image, sample.guide | sample.foreground, background.spacing,
+                                background.is_2d, self.slices_card)  # with a kept or pasted-beside lesion
+        dice = _faithfulness(model, labeled, self.settings.segmenter_resolution)
         scores["faithfulness_dice"] = float(dice.mean()) if dice.size else None
         healed = background.foreground & sample.regenerated & ~sample.guide  # the background's lesion, painted over
         old = lesion_slices(sample.image, healed, background.spacing, background.is_2d, self.slices_card)

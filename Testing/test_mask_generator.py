@@ -205,10 +205,41 @@ def test_missing_generator_and_misplaced_options_name_the_fix(tmp_path, picture_
     with pytest.raises(MedDiffFTError, match=r"--allowed-region places generated lesions \(--mask-source "
                                              r"generator\); with --mask-source label drop it\."):
         run_command([*sample, "--mask-source", "label", "--allowed-region", label_path])
+    with pytest.raises(MedDiffFTError, match=r"--old-lesion keep adds a generated lesion next to the old one "
+                                             r"\(--mask-source generator\); --mask-source jitter repaints the "
+                                             r"old lesion itself: drop --old-lesion or use --mask-source generator\."):
+        run_command(["run", "--image", image_path, "--label", label_path, "--out", tmp_path / "r", *TRAIN_TINY,
+                     *SAMPLE_TINY, "--jitter", "--old-lesion", "keep", *COMMON])  # refused before training
     with pytest.raises(MedDiffFTError, match=r"--mask-resolution 30: use a multiple of 4"):
         run_command(["finetune", "--image", image_path, "--label", label_path, "--model-out",
                      tmp_path / "m2", *TRAIN_TINY, "--mask-resolution", "30", *COMMON])
     assert not (tmp_path / "out").exists() and not (tmp_path / "m2" / "meddiffft.json").exists()
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_kept_old_lesion_stays_real_and_labeled_beside_the_new_one(tmp_path, picture_case):
+    """--old-lesion keep: the real lesion's pixels are bit-exact, the label marks it and the new
+    lesion (placed clear of it); heal (the default) repaints it and drops it from the label."""
+    image_path, label_path = picture_case
+    run_command(["finetune", "--image", image_path, "--label", label_path, "--model-out", tmp_path / "m",
+                 *TRAIN_TINY, "--qa", "off", *COMMON])
+    source = np.asarray(Image.open(image_path))
+    old = np.asarray(Image.open(label_path)) > 0
+    for mode in ("keep", "heal"):
+        out = tmp_path / mode
+        run_command(["sample", "--model", tmp_path / "m", "--image", image_path, "--label", label_path,
+                     "--erode", "0", "--old-lesion", mode, "--out", out, *SAMPLE_TINY, *COMMON])
+        for entry in json.loads((out / "manifest.json").read_text())["samples"]:
+            image = np.asarray(Image.open(out / entry["image"]))
+            label = np.asarray(Image.open(out / entry["label"])) > 0
+            new = label & ~old
+            assert entry["old_lesion"] == mode and new.any()
+            if mode == "keep":
+                assert np.array_equal(image[old], source[old]) and (label[old]).all()
+                assert ndimage.distance_transform_edt(~old)[new].min() > 3  # the placement margin
+            else:  # the old lesion's unlabeled rest is repainted
+                healed = old & ~label
+                assert healed.any() and not np.array_equal(image[healed], source[healed])
 
 
 def test_a_lesion_that_cannot_be_placed_rejects_its_sample_and_no_sample_at_all_is_an_error(tmp_path, picture_case):
@@ -245,7 +276,7 @@ class UnplaceableFirst:
         self.calls += 1
         if self.calls == 1:
             raise PlacementError("no room for seed 0")
-        return Proposal(label.copy(), foreground.copy(), {})
+        return Proposal(label.copy(), foreground.copy(), {}, background.foreground.copy())
 
 
 HIPPOCAMPUS = SHARED_DATA / "MSD-Task04-Hippocampus"

@@ -1,15 +1,19 @@
-"""What the QA's healed check does to an evaluation's synthetic pairs, without fine-tuning again.
+"""Repeat an evaluation's sampling with other sampling options (`--sample-args`) and today's QA,
+without fine-tuning again.
 
-For each seed of an existing `meddiffft evaluate` folder (SRC), the fine-tuned model is copied,
-its healed-check threshold is calibrated on its own fold segmenters and labeled cases (as
-fine-tuning now does: `quality.healed_bound`), and the run's sampling is repeated with the same
-options and seed (`meddiffft sample`), so candidates are the same and only the QA differs. The
-result is a new evaluation folder (OUT) whose generation units match SRC's key, so rerunning the
-same `evaluate` command on OUT (bench/evaluate_busi.py --run-dir) trains only the arms.
-Also prints, per seed, how many pairs SRC kept and how many the healed check keeps.
+For each seed of an existing `meddiffft evaluate` folder (SRC), the fine-tuned model is copied;
+a model made before the QA's healed check gets that check's threshold, calibrated on its own fold
+segmenters and labeled cases (as fine-tuning now does: `quality.healed_bound`); the run's sampling
+is repeated with the same seed (`meddiffft sample`). With the evaluation's own sampling options the
+candidates are the same and only the QA differs. The result is a new evaluation folder (OUT) whose
+generation units match SRC's key, so rerunning the same `evaluate` command on OUT
+(bench/evaluate_busi.py --run-dir) trains only the arms. Prints, per seed, how many pairs SRC and
+OUT kept.
 
-    nice .venv/bin/python bench/healed_check.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1h \
+    nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1h \
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2"
+    nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1k \
+        --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2 --old-lesion keep"
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def calibrate(model_dir: Path, labeled_csv: Path) -> dict:
-    """Add the healed threshold to a model folder made before the check; returns the QA entry."""
+    """Add the healed threshold to a model folder made before the check (kept where it is there);
+    returns the QA entry."""
     import torch
 
     from MedDiffFTLib.backbone import MODEL_CARD, read_model_card
@@ -34,6 +39,8 @@ def calibrate(model_dir: Path, labeled_csv: Path) -> dict:
     from MedDiffFTLib.quality import QualityFilter, healed_bound, image_key
 
     card = read_model_card(model_dir)
+    if "healed_max_detected" in card["quality"]["thresholds"]:
+        return card["quality"]
     quality = QualityFilter.load(model_dir, card, torch.device("cpu"))
     by_key = {}
     for image, label in read_cases_csv(str(labeled_csv)):
