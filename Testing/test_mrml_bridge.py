@@ -348,7 +348,7 @@ def test_logic_prepares_the_commands_of_each_mode(logicModule, case, tmp_path, w
     parameters = types.SimpleNamespace(
         inputVolume=volumeNode, inputSegmentation=segmentationNode, segmentIds=["lesion"], samples=2, seed=5,
         trainSteps=7, samplingSteps=3, resolution=32, device="cpu", allowedRegionSegmentId="cyst", backbone="compact",
-        baseModel="", guidanceScale=3.0, maskSource="generator", qa=True, erode="auto",
+        baseModel="", guidanceScale=3.0, maskSource="generator", oldLesion="keep", qa=True, erode="auto",
     )  # fmt: skip
     logic = logicModule.MedDiffFTLogic()
     expected = {
@@ -368,6 +368,7 @@ def test_logic_prepares_the_commands_of_each_mode(logicModule, case, tmp_path, w
             assert ("--model-out" in job.arguments or "--model" in job.arguments) == (command != "run")
             if command != "finetune":  # the allowed-region segment went out as a mask file
                 assert Path(job.arguments[job.arguments.index("--allowed-region") + 1]).is_file()
+                assert job.arguments[job.arguments.index("--old-lesion") + 1] == "keep"
             job.discard()
     parameters.mode, parameters.modelFolder = Mode.GENERATE, noFolder
     with pytest.raises(ValueError, match="model folder"):

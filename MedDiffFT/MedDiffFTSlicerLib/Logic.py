@@ -61,6 +61,7 @@ class MedDiffFTParameterNode:
     baseModel: str = ""
     guidanceScale: Annotated[float, WithinRange(1.0, 20.0)] = 3.0
     maskSource: Annotated[str, Choice(["generator", "jitter", "label"])] = "generator"
+    oldLesion: Annotated[str, Choice(["heal", "keep"])] = "heal"
     qa: bool = True
     erode: str = "auto"
 
@@ -132,6 +133,7 @@ class MedDiffFTLogic(ScriptedLoadableModuleLogic):
             "sampling_steps": parameters.samplingSteps,
             "guidance_scale": parameters.guidanceScale,
             "mask_source": parameters.maskSource,
+            "old_lesion": parameters.oldLesion,
             "erode": parameters.erode,
             "allowed_region": parameters.allowedRegionSegmentId or None,
         }  # fmt: skip
