@@ -241,6 +241,25 @@ def memorization_rate(synthetic: Pairs, real: Pairs) -> float | None:
     return float(((fake @ reference.T).max(dim=1).values > MEMORIZATION_NCC).float().mean())
 
 
+def generated_lesions(generation_dir: Path, entries: list[dict], resolution: int) -> tuple[Pairs, torch.Tensor]:
+    """The synthetic pairs' slices that hold a generated lesion, with that lesion alone as mask, and
+    per slice the pixels of a real lesion the pair kept (``--old-lesion keep``): the synthetic-set
+    metrics judge what was generated, not the real lesion beside it (bool, (N, 1, R, R))."""
+    images, masks, kept = [], [], []
+    for entry in entries:
+        sample = read_case(str(generation_dir / entry["image"]), str(generation_dir / entry["label"]))
+        old = np.zeros_like(sample.foreground)
+        if entry.get("old_lesion") == "keep" and entry["background_image"] == entry["source_image"]:
+            old = read_case(entry["background_image"], entry["source_label"]).foreground
+        axis = choose_axis(sample.spacing, "auto", sample.is_2d)
+        for plane, new, real in zip(slice_stack(sample.image, axis), slice_stack(sample.foreground & ~old, axis),
+                                    slice_stack(old, axis)):
+            if new.any():
+                images.append(plane), masks.append(new), kept.append(real)
+    return ((planes_to_tensor(images, resolution), planes_to_tensor(masks, resolution, is_mask=True)),
+            planes_to_tensor(kept, resolution, is_mask=True) > 0)
+
+
 def background_preservation(generation_dir: Path, entries: list[dict]) -> float | None:
     """Share of pixels farther than the seam from the synthetic lesion (and from the old lesion,
     which a moved mask heals) that equal the background image exactly (1.0 = untouched)."""
@@ -548,13 +567,16 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
 
 
 def _synthetic_metrics(seed_dir: Path, real, test, synthetic, arms: dict, device) -> dict:
-    """Faithfulness, realism (FRD, KID), memorization and background preservation of a seed's pairs."""
+    """Faithfulness, realism (FRD, KID), memorization and background preservation of a seed's
+    generated lesions."""
     if synthetic is None:
         return {}
     judge = _load_segmenter(seed_dir / "real_only.safetensors", device)
-    synthetic_dice = float(dice_per_image(predict(judge, synthetic[0]), synthetic[1].bool()).mean())
-    test_dice = arms["real_only"]["dice_mean"]
     entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
+    synthetic, kept = generated_lesions(seed_dir / "generation", entries, real[0].shape[-1])
+    found = predict(judge, synthetic[0]) & ~kept  # a kept real lesion is neither right nor wrong
+    synthetic_dice = float(dice_per_image(found, synthetic[1].bool()).mean())
+    test_dice = arms["real_only"]["dice_mean"]
     real_lesions = (real[0][real[1].flatten(1).any(1)], real[1][real[1].flatten(1).any(1)])
     return {"synthetic_pairs": len(synthetic[0]),
             "faithfulness_dice": synthetic_dice,

@@ -14,7 +14,7 @@ from conftest import COMMON, SHARED_DATA, TRAIN_TINY
 from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
-from MedDiffFTLib.evaluate import copy_paste_cases, kid, memorization_rate
+from MedDiffFTLib.evaluate import copy_paste_cases, generated_lesions, kid, memorization_rate
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -188,6 +188,31 @@ def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_a
 
 
 @pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")
+def test_synthetic_metrics_see_the_generated_lesion_not_a_kept_real_one(tmp_path):
+    """With --old-lesion keep a pair's label also marks the real lesion it kept: the metrics' mask is
+    the generated lesion alone, and the kept one is returned apart (excluded from scoring)."""
+    from PIL import Image
+
+    from MedDiffFTLib.phantom import ultrasound_phantom
+
+    image, old = ultrasound_phantom(seed=0, size=48)
+    Image.fromarray(image).save(tmp_path / "case.png")
+    Image.fromarray(old).save(tmp_path / "case_mask.png")
+    new = np.zeros_like(old)
+    new[4:12, 4:12] = 255
+    assert not (new & old).any()
+    Image.fromarray(np.where(new > 0, 20, image).astype(np.uint8)).save(tmp_path / "sample.png")
+    Image.fromarray(new | old).save(tmp_path / "sample_label.png")
+    entry = {"image": "sample.png", "label": "sample_label.png", "source_image": str(tmp_path / "case.png"),
+             "source_label": str(tmp_path / "case_mask.png"), "background_image": str(tmp_path / "case.png")}
+    (images, masks), kept = generated_lesions(tmp_path, [{**entry, "old_lesion": "keep"}], 48)
+    assert images.shape == (1, 1, 48, 48)
+    assert torch.equal(masks[0, 0] > 0, torch.from_numpy(new > 0))
+    assert torch.equal(kept[0, 0], torch.from_numpy(old > 0))
+    (_, masks), kept = generated_lesions(tmp_path, [{**entry, "old_lesion": "heal"}], 48)  # all of it is new
+    assert torch.equal(masks[0, 0] > 0, torch.from_numpy((new | old) > 0)) and not kept.any()
+
+
 def test_busi_end_to_end_with_k4_and_one_seed(tmp_path):
     def rows(numbers):
         folder = BUSI / "benign"
