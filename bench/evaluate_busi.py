@@ -6,8 +6,8 @@ malignant) and the rest as the training pool. Arms: real only with strong augmen
 + synthetic pairs (b), real without strong augmentation (a0) and real + copy-paste pairs (c).
 
 Usage (a run folder is resumable; a larger --seeds reuses finished seeds; the defaults are the
-protocol of the README table's last rows: 5 subsets, 1000 segmenter epochs, half of each batch
-synthetic, the 400 + 800-step generator; QA now includes the healed check):
+protocol of the README table's best row by validation: 5 subsets, 1000 segmenter epochs, half of
+each batch synthetic, the 400 + 800-step generator with --old-lesion keep; QA with the healed check):
   nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval
 On 2 cores: two processes (--first-seed 0 --seeds 3, --first-seed 3 --seeds 2), then one plain
 call collects the report (about 25 min per subset on one core of the development machine).
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--seg-epochs", type=int, default=1000,
                         help="real-only validation Dice still rose at 400 (best steps near the end)")
     parser.add_argument("--run-args", default="--resolution 64 --scale fit --train-steps 800 --pretrain-steps 400 "
-                                              "--batch-size 4 --samples 4 --qa-keep 2")
+                                              "--batch-size 4 --samples 4 --qa-keep 2 --old-lesion keep")
     parser.add_argument("--arms", default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
     parser.add_argument("--unlabeled-pool", default="on", choices=("on", "off"))
     parser.add_argument("--synthetic-fraction", default="0.5",

@@ -42,7 +42,8 @@ OUT=${OUT:-/tmp/gpu_busi}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 SEG_EPOCHS=${SEG_EPOCHS:-1000}
-RUN_ARGS=${RUN_ARGS:-"--resolution 64 --pretrain-steps 1500 --train-steps 3000 --train-minutes 3.5 --mask-steps 1000 --samples 6 --qa-keep 2"}
+# default: the measured native-scale generator (fits one call with 5 subsets), with the old lesion kept
+RUN_ARGS=${RUN_ARGS:-"--resolution 64 --pretrain-steps 500 --train-steps 1300 --train-minutes 2.5 --mask-steps 600 --samples 4 --qa-keep 2 --qa-segmenter-steps 400 --sampling-steps 20 --old-lesion keep"}
 mkdir -p "$OUT" /tmp/site
 export PYTHONUNBUFFERED=1
 if ! $PYTHON -c "import diffusers, monai, SimpleITK, nrrd" 2>/dev/null; then
