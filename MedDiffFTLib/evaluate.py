@@ -241,16 +241,24 @@ def memorization_rate(synthetic: Pairs, real: Pairs) -> float | None:
     return float(((fake @ reference.T).max(dim=1).values > MEMORIZATION_NCC).float().mean())
 
 
+def _read_pair(generation_dir: Path, entry: dict) -> tuple[Case, Case]:
+    """A written pair and the background it was painted into (labeled when it is the source case
+    itself; an unlabeled background image has no lesion of its own)."""
+    sample = read_case(str(generation_dir / entry["image"]), str(generation_dir / entry["label"]))
+    own_case = entry["background_image"] == entry["source_image"]
+    background = read_case(entry["background_image"], entry["source_label"] if own_case else None,
+                           require_label=own_case)
+    return sample, background
+
+
 def generated_lesions(generation_dir: Path, entries: list[dict], resolution: int) -> tuple[Pairs, torch.Tensor]:
     """The synthetic pairs' slices that hold a generated lesion, with that lesion alone as mask, and
     per slice the pixels of a real lesion the pair kept (``--old-lesion keep``): the synthetic-set
     metrics judge what was generated, not the real lesion beside it (bool, (N, 1, R, R))."""
     images, masks, kept = [], [], []
     for entry in entries:
-        sample = read_case(str(generation_dir / entry["image"]), str(generation_dir / entry["label"]))
-        old = np.zeros_like(sample.foreground)
-        if entry.get("old_lesion") == "keep" and entry["background_image"] == entry["source_image"]:
-            old = read_case(entry["background_image"], entry["source_label"]).foreground
+        sample, background = _read_pair(generation_dir, entry)
+        old = background.foreground if entry.get("old_lesion") == "keep" else np.zeros_like(sample.foreground)
         axis = choose_axis(sample.spacing, "auto", sample.is_2d)
         for plane, new, real in zip(slice_stack(sample.image, axis), slice_stack(sample.foreground & ~old, axis),
                                     slice_stack(old, axis)):
@@ -265,14 +273,11 @@ def background_preservation(generation_dir: Path, entries: list[dict]) -> float 
     which a moved mask heals) that equal the background image exactly (1.0 = untouched)."""
     same, total = 0, 0
     for entry in entries:
-        sample = read_case(str(generation_dir / entry["image"]), str(generation_dir / entry["label"]))
-        own_case = entry["background_image"] == entry["source_image"]
-        background = read_case(entry["background_image"], entry["source_label"] if own_case else None,
-                               require_label=own_case)
+        sample, background = _read_pair(generation_dir, entry)
         if background.image.shape != sample.image.shape:
             continue
         axis = choose_axis(sample.spacing, "auto", sample.is_2d)
-        changed = sample.foreground | (background.foreground if own_case else False)
+        changed = sample.foreground | background.foreground
         for plane, fg, before in zip(slice_stack(sample.image, axis), slice_stack(changed, axis),
                                      slice_stack(background.image, axis)):
             outside = ~dilate(fg, float(entry.get("seam_px") or 0) + 1.5)
