@@ -187,7 +187,6 @@ def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_a
     assert abs(kid(features[:200], features[200:])) < 0.01 < 1.0 < kid(features, features + 1.0)
 
 
-@pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")
 def test_synthetic_metrics_see_the_generated_lesion_not_a_kept_real_one(tmp_path):
     """With --old-lesion keep a pair's label also marks the real lesion it kept: the metrics' mask is
     the generated lesion alone, and the kept one is returned apart (excluded from scoring)."""
@@ -213,6 +212,7 @@ def test_synthetic_metrics_see_the_generated_lesion_not_a_kept_real_one(tmp_path
     assert torch.equal(masks[0, 0] > 0, torch.from_numpy((new | old) > 0)) and not kept.any()
 
 
+@pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")
 def test_busi_end_to_end_with_k4_and_one_seed(tmp_path):
     def rows(numbers):
         folder = BUSI / "benign"
