@@ -565,17 +565,15 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                 timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
             grid = grid or (real, extra.get("synthetic"))
             per_seed[seed] = {"arms": arms, "timings": timings, **qa_summary,
-                              **_synthetic_metrics(seed_dir, real, test, extra.get("synthetic"), arms, device)}
+                              **(_synthetic_metrics(seed_dir, real, arms, device) if "synthetic" in extra else {})}
     report = build_report(per_seed, settings, record, split, unlabeled_on, time.monotonic() - started)
     write_report(out, report, per_seed, *grid)
     return report
 
 
-def _synthetic_metrics(seed_dir: Path, real, test, synthetic, arms: dict, device) -> dict:
+def _synthetic_metrics(seed_dir: Path, real, arms: dict, device) -> dict:
     """Faithfulness, realism (FRD, KID), memorization and background preservation of a seed's
     generated lesions."""
-    if synthetic is None:
-        return {}
     judge = _load_segmenter(seed_dir / "real_only.safetensors", device)
     entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
     synthetic, kept = generated_lesions(seed_dir / "generation", entries, real[0].shape[-1])

@@ -492,7 +492,7 @@ class QualityFilter:
             margins.append(scores["faithfulness_dice"] - faithful)
             if scores["faithfulness_dice"] < faithful:
                 reasons.append(f"mask not faithful: segmenter Dice {scores['faithfulness_dice']:.2f} "
-                               f"vs the guide below the calibrated {faithful:.2f}")
+                               f"vs the label below the calibrated {faithful:.2f}")
         healed = t.get("healed_max_detected")  # absent in model folders made before the check
         if healed is not None and cross_fit and scores["healed_detected"] is not None:
             margins.append(healed - scores["healed_detected"])
