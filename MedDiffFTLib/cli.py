@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, MedDiffFTError
+from .masks import OLD_LESION, PLACEMENTS
 from .progress import Progress
 
 EXIT_BAD_INPUT = 2
@@ -197,11 +198,25 @@ def _add_quality(parser: argparse.ArgumentParser, *, reference: bool, filtering:
                                 "\"rejected\" with the reason, not written")
 
 
-def _add_allowed_region(group) -> None:
+def _add_placement(group) -> None:
+    """Where the mask generator puts a new lesion (sample and masks draw the same masks)."""
     group.add_argument("--allowed-region", metavar="PATH_OR_SEGMENT",
                        help="where generated lesions may go: a mask file on the image's grid, or a "
                             "segment name/label value of the image's own label (e.g. the organ); "
                             "default: the image's body (Otsu foreground)")
+    group.add_argument("--old-lesion", default="heal", choices=OLD_LESION,
+                       help="the background's own lesion: heal (default; painted over as tissue, "
+                            "the label no longer marks it) or keep (with --mask-source generator: "
+                            "it stays real and labeled, and the new lesion is placed clear of it, "
+                            "so no half-healed lesion can sit under a background label)")
+    group.add_argument("--placement", default="uniform", choices=PLACEMENTS,
+                       help="where in the allowed region a generated lesion goes: uniform (default; "
+                            "anywhere) or learned (near where a labeled lesion lies in its image, "
+                            "relative to the frame, e.g. not in the skin layer)")
+
+
+def _placement_options(args) -> dict:
+    return {"allowed_region": args.allowed_region, "old_lesion": args.old_lesion, "placement": args.placement}
 
 
 def _add_mask_generator(parser: argparse.ArgumentParser) -> None:
@@ -232,12 +247,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                             "folder's mask generator and places it inside --allowed-region; label "
                             "keeps the case's label; jitter moves, scales and rotates it within "
                             "bounds (the old lesion is healed, see --old-lesion)")
-    _add_allowed_region(group)
-    group.add_argument("--old-lesion", default="heal", choices=("heal", "keep"),
-                       help="the background's own lesion: heal (default; painted over as tissue, "
-                            "the label no longer marks it) or keep (with --mask-source generator: "
-                            "it stays real and labeled, and the new lesion is placed clear of it, "
-                            "so no half-healed lesion can sit under a background label)")
+    _add_placement(group)
     group.add_argument("--erode", default="auto", metavar="auto|0|PX",
                        help="mask corrosion of the output label, in-plane per slice: auto (default; "
                             "a radius of 5%% of each lesion slice's equivalent radius, so lesions "
@@ -398,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(masks, what="cases")
     group = masks.add_argument_group("masks")
     group.add_argument("--n", type=int, default=4, help="masks per case (default 4)")
-    _add_allowed_region(group)
+    _add_placement(group)
     masks.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_common(masks)
 
@@ -503,7 +513,7 @@ def _sample_settings(args):
 
     if args.samples <= 0 or args.sampling_steps <= 0:
         raise MedDiffFTError("--samples and --sampling-steps must be positive.")
-    check_mask_source(args.mask_source, allowed_region=args.allowed_region, old_lesion=args.old_lesion)
+    check_mask_source(args.mask_source, **_placement_options(args))
     if args.qa_keep is not None and not (args.qa == "on" and 1 <= args.qa_keep <= args.samples):
         raise MedDiffFTError(f"--qa-keep {args.qa_keep}: keep 1 to --samples ({args.samples}) samples, "
                              "with --qa on.")
@@ -588,8 +598,8 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
     settings = _sample_settings(args)
     backgrounds = [read_case(path, None, require_label=False) for path in args.background]
     backbone, card, bank = load_model(model_dir, resolve_device(args.device))
-    mask_source = make_mask_source(settings.mask_source, model_dir=model_dir, allowed_region=args.allowed_region,
-                                   old_lesion=args.old_lesion, device=resolve_device(args.device))
+    mask_source = make_mask_source(settings.mask_source, model_dir=model_dir, **_placement_options(args),
+                                   device=resolve_device(args.device))
     quality = None
     if args.qa == "on":
         from .quality import QualityFilter
@@ -717,7 +727,7 @@ def command_masks(args, progress: Progress) -> dict:
     if args.n <= 0:
         raise MedDiffFTError("--n must be positive.")
     cases = _read_inputs(args)
-    source = make_mask_source("generator", model_dir=args.model, allowed_region=args.allowed_region,
+    source = make_mask_source("generator", model_dir=args.model, **_placement_options(args),
                               device=resolve_device(args.device))
     out = Path(args.out)
     entries = []

@@ -5,11 +5,13 @@ Training data: every slice of every connected lesion of the training cases (alon
 axis), cropped to a square around the lesion and carried to ``resolution`` px, augmented with
 flips, rotations and elastic warps (MONAI). Next to the UNet the model folder keeps the training
 shapes (new shapes must differ from all of them) and each real lesion's area and centroid per
-slice (a new 3D lesion is swept along a real lesion's smoothed profile).
+slice (a new 3D lesion is swept along a real lesion's smoothed profile) and its position in the
+image frame (where ``placement="learned"`` puts new lesions).
 
 Drawing one mask (one seed): shape (sample the model, threshold, largest component, fill holes),
 geometry (area within the real range, rotation, flip, an elastic warp that is smooth across
-slices), placement (inside the allowed region, away from the border and from other labels).
+slices), placement (inside the allowed region, away from the border and from other labels;
+uniformly, or near a real lesion's relative position in its image).
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ class GeometryBounds:
     """Bounds of the geometry and placement randomness. ``area_slack`` widens the real lesions'
     area range (largest slice, px) on both sides; ``elastic`` is the warp's displacement as a
     fraction of the shape size; ``margin`` the distance kept from the slice border and from
-    other labels, as a fraction of the slice's smaller side (at least 2 px)."""
+    other labels, as a fraction of the slice's smaller side (at least 2 px); ``spread`` the
+    standard deviation of a learned placement around a real lesion's position, as a fraction of
+    the frame along each axis."""
 
     max_rotation: float = 30.0
     elastic: float = 0.03
     area_slack: float = 1.2
     margin: float = 0.03
+    spread: float = 0.1
 
 
 def canonical_shape(mask: np.ndarray, resolution: int) -> np.ndarray:
@@ -92,7 +97,8 @@ def canonical_shape(mask: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def collect_lesions(cases: list[Case], axis_spec: str, resolution: int) -> tuple[np.ndarray, list[dict]]:
-    """(canonical shapes of every lesion slice, per lesion: area and centroid of each slice)."""
+    """(canonical shapes of every lesion slice, per lesion: area and centroid of each slice, and
+    its centroid relative to the frame (slice, row, col; pixel centres, 0..1))."""
     shapes, lesions = [], []
     for case in cases:
         stack = slice_stack(case.foreground, choose_axis(case.spacing, axis_spec, case.is_2d))
@@ -104,9 +110,16 @@ def collect_lesions(cases: list[Case], axis_spec: str, resolution: int) -> tuple
                 continue
             lesions.append({"areas": [int(lesion[s].sum()) for s in held],
                             "centroids": [[round(float(c), 2) for c in ndimage.center_of_mass(lesion[s])]
-                                          for s in held]})
+                                          for s in held],
+                            "position": [round(float(p), 4) for p in
+                                         frame_position(ndimage.center_of_mass(lesion), lesion.shape)]})
             shapes += [canonical_shape(lesion[s], resolution) for s in held]
     return np.asarray(shapes, dtype=bool).reshape(-1, resolution, resolution), lesions
+
+
+def frame_position(index, shape) -> np.ndarray:
+    """Voxel positions (..., axes) relative to the frame ``shape``: pixel centres span (0, 1)."""
+    return (np.asarray(index, np.float64) + 0.5) / np.asarray(shape)
 
 
 def _augmented_pool(shapes: np.ndarray, size: int, seed: int) -> torch.Tensor:
@@ -248,12 +261,15 @@ def body_region(image: np.ndarray) -> np.ndarray:
 class GeneratorMaskSource:
     """New lesions drawn from the mask generator (see the module docstring), placed inside
     ``allowed_region`` (a mask file on the background's grid, or a segment of the background's
-    own label; default: the image's body). The background's own lesion is healed, or with
+    own label; default: the image's body), anywhere in it (``placement`` uniform) or near the
+    relative position of the real lesion whose profile it follows (learned: e.g. below the skin
+    layer where the labeled lesions are). The background's own lesion is healed, or with
     ``keep_old`` kept, labeled, and kept clear of like any other label."""
 
     generator: MaskGenerator
     allowed_region: str | None = None
     keep_old: bool = False
+    placement: str = "uniform"
     bounds: GeometryBounds = field(default_factory=GeometryBounds)
     name: str = "generator"
     regions: dict = field(default_factory=dict, repr=False)  # per background image path
@@ -308,7 +324,8 @@ class GeneratorMaskSource:
             novelty = max(self.generator.novelty(plane) for plane in lesion if plane.any())
             if novelty >= NOVELTY_IOU:
                 continue
-            start = _place(forbidden, lesion, draw)
+            target = self._target(lesion_index, draw)
+            start = _place(forbidden, lesion, draw, target, self.bounds.spread)
             if start is None:
                 high = max(low, math.sqrt(low * high))  # a smaller lesion may fit
                 continue
@@ -326,13 +343,24 @@ class GeneratorMaskSource:
             details = {"mask_seed": seed, "area_px": peak, "max_training_iou": round(novelty, 4),
                        "real_lesion": lesion_index, "lesion_slices": len(lesion),
                        "placement": [int(s) for s in start],
-                       "allowed_region": self.allowed_region or "body",
+                       "allowed_region": self.allowed_region or "body", "placement_mode": self.placement,
+                       **({"placement_target": target} if target is not None else {}),
                        "old_lesion": "keep" if self.keep_old else "heal", **geometry}
             healed = np.zeros_like(background.foreground) if self.keep_old else background.foreground.copy()
             return Proposal(out_label, new, details, healed)
         raise PlacementError(f"The mask generator could not place a new lesion ({low:.0f}-{high:.0f} px) "
                              f"inside the allowed region in {MAX_TRIES} tries: give a larger "
                              "--allowed-region, or use --mask-source jitter.")
+
+    def _target(self, lesion_index: int, draw: np.random.Generator) -> list[float] | None:
+        """Where a learned placement aims (relative to the frame), None for a uniform one."""
+        if self.placement == "uniform":
+            return None
+        position = self.generator.lesions[lesion_index].get("position")
+        if position is None:
+            raise MedDiffFTError("This model's mask generator records no lesion positions (it predates "
+                                 "--placement learned): fine-tune it again, or use --placement uniform.")
+        return [round(p + float(draw.normal(0.0, self.bounds.spread)), 4) for p in position]
 
     def _sweep(self, shape: np.ndarray, real: dict, area: float,
                draw: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -379,11 +407,22 @@ class GeneratorMaskSource:
         return lesion, {"rotation_deg": round(angle, 2), "flip": flip, "zoom": round(zoom, 4)}
 
 
-def _place(forbidden: np.ndarray, lesion: np.ndarray, draw: np.random.Generator) -> np.ndarray | None:
-    """A random start (slice, row, col) where ``lesion`` overlaps no forbidden voxel, or None."""
+def _place(forbidden: np.ndarray, lesion: np.ndarray, draw: np.random.Generator,
+           target: list[float] | None = None, spread: float = 0.1) -> np.ndarray | None:
+    """A random start (slice, row, col) where ``lesion`` overlaps no forbidden voxel, or None:
+    uniform over the free starts, or with ``target`` (the lesion centre relative to the frame)
+    drawn with Gaussian weights of ``spread`` around it (so a free start is always found)."""
     if any(e > s for e, s in zip(lesion.shape, forbidden.shape)):
         return None
     overlap = fftconvolve(forbidden.astype(np.float32), lesion[::-1, ::-1, ::-1].astype(np.float32),
                           mode="valid")
     free = np.argwhere(overlap < 0.5)
-    return free[draw.integers(len(free))] if len(free) else None
+    if not len(free):
+        return None
+    if target is None:
+        return free[draw.integers(len(free))]
+    centres = frame_position(free + (np.asarray(lesion.shape) - 1) / 2, forbidden.shape)
+    axes = [a for a, n in enumerate(forbidden.shape) if n > 1]  # a 2D image has one slice
+    score = -0.5 * (((centres[:, axes] - np.asarray(target)[axes]) / spread) ** 2).sum(axis=1)
+    weights = np.exp(score - score.max())
+    return free[draw.choice(len(free), p=weights / weights.sum())]

@@ -170,14 +170,21 @@ def place_label(label: np.ndarray, foreground: np.ndarray, shape: tuple[int, ...
 
 MASK_SOURCES = ("label", "jitter", "generator")
 OLD_LESION = ("heal", "keep")
+PLACEMENTS = ("uniform", "learned")
 
 
-def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesion: str = "heal") -> None:
+def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesion: str = "heal",
+                      placement: str = "uniform") -> None:
     """Reject mask-source options that do not go together (before any training is spent)."""
     if name not in MASK_SOURCES:
         raise MedDiffFTError(f"--mask-source {name}: choose one of {', '.join(MASK_SOURCES)}.")
     if old_lesion not in OLD_LESION:
         raise MedDiffFTError(f"--old-lesion {old_lesion}: choose one of {', '.join(OLD_LESION)}.")
+    if placement not in PLACEMENTS:
+        raise MedDiffFTError(f"--placement {placement}: choose one of {', '.join(PLACEMENTS)}.")
+    if placement != "uniform" and name != "generator":
+        raise MedDiffFTError(f"--placement {placement} places generated lesions (--mask-source generator); "
+                             f"--mask-source {name} keeps the old lesion's place: drop --placement.")
     if allowed_region is not None and name != "generator":
         raise MedDiffFTError(f"--allowed-region places generated lesions (--mask-source generator); "
                              f"with --mask-source {name} drop it.")
@@ -189,11 +196,12 @@ def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesio
 
 def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
                      allowed_region: str | None = None, old_lesion: str = "heal",
-                     device: "torch.device | None" = None) -> MaskSource:
+                     placement: str = "uniform", device: "torch.device | None" = None) -> MaskSource:
     """The run's mask source; ``generator`` loads the mask model from ``model_dir`` once.
     ``old_lesion`` keep: a generated lesion is added next to the background's own lesion, which
-    stays real and labeled (heal: it is painted over as tissue)."""
-    check_mask_source(name, allowed_region=allowed_region, old_lesion=old_lesion)
+    stays real and labeled (heal: it is painted over as tissue). ``placement`` learned: near a
+    labeled lesion's relative position (uniform: anywhere in the allowed region)."""
+    check_mask_source(name, allowed_region=allowed_region, old_lesion=old_lesion, placement=placement)
     if name == "label":
         return LabelMaskSource()
     if name == "jitter":
@@ -206,4 +214,4 @@ def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
         raise MedDiffFTError("--mask-source generator needs the model folder: build the source with "
                              "make_mask_source('generator', model_dir=...) and pass it to generate_samples.")
     generator = MaskGenerator.load(model_dir, device or torch.device("cpu"))
-    return GeneratorMaskSource(generator, allowed_region, keep_old=old_lesion == "keep")
+    return GeneratorMaskSource(generator, allowed_region, keep_old=old_lesion == "keep", placement=placement)

@@ -19,7 +19,7 @@ from MedDiffFTLib.backbone import load_model
 from MedDiffFTLib.errors import MedDiffFTError, PlacementError
 from MedDiffFTLib.generate import SampleSettings, generate_samples
 from MedDiffFTLib.mask_generator import (GeneratorMaskSource, GeometryBounds, MaskGenerator,
-                                         MaskTrainSettings, train_mask_generator)
+                                         MaskTrainSettings, frame_position, train_mask_generator)
 from MedDiffFTLib.masks import Proposal
 from MedDiffFTLib.phantom import ultrasound_phantom
 from MedDiffFTLib.progress import Progress
@@ -109,6 +109,39 @@ def assert_coherent(new: np.ndarray) -> np.ndarray:
             assert iou(new[a], new[b]) >= 0.3
             assert max(areas[a], areas[b]) <= 3 * min(areas[a], areas[b])
     return held
+
+
+def test_learned_placement_puts_new_lesions_where_the_labeled_lesions_lie(pictures, tmp_path):
+    """--placement learned: each new lesion lands near the relative position of the real lesion it
+    follows (uniform lands anywhere in the body, on average far further away); a model folder
+    without lesion positions names the fix."""
+    cases, generator, _ = pictures
+    case = cases[0]
+
+    def offsets(placement: str) -> list[float]:
+        source = GeneratorMaskSource(generator, placement=placement, bounds=GeometryBounds(spread=0.04))
+        found = []
+        for seed in range(8):
+            proposal = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+            centre = frame_position(ndimage.center_of_mass(proposal.foreground[0]), (96, 96))
+            real = generator.lesions[proposal.details["real_lesion"]]["position"][1:]
+            assert proposal.details["placement_mode"] == placement
+            assert ("placement_target" in proposal.details) == (placement == "learned")
+            found.append(float(np.abs(centre - real).max()))
+        return found
+
+    learned, uniform = offsets("learned"), offsets("uniform")
+    assert max(learned) < 0.15 and np.mean(uniform) > 2 * np.mean(learned), (learned, uniform)
+    assert all(len(lesion["position"]) == 3 and lesion["position"][0] == 0.5 for lesion in generator.lesions)
+
+    old = MaskGenerator(generator.unet, generator.scheduler, generator.shapes,
+                        [{k: v for k, v in lesion.items() if k != "position"} for lesion in generator.lesions],
+                        generator.device)  # a model folder from before positions were recorded
+    with pytest.raises(MedDiffFTError, match=r"This model's mask generator records no lesion positions \(it "
+                                             r"predates --placement learned\): fine-tune it again, or use "
+                                             r"--placement uniform\."):
+        GeneratorMaskSource(old, placement="learned").propose(case.label, case.foreground, 0,
+                                                               np.random.default_rng(0), case)
 
 
 def test_volume_lesions_are_coherent_in_3d(tmp_path):
@@ -205,6 +238,10 @@ def test_missing_generator_and_misplaced_options_name_the_fix(tmp_path, picture_
     with pytest.raises(MedDiffFTError, match=r"--allowed-region places generated lesions \(--mask-source "
                                              r"generator\); with --mask-source label drop it\."):
         run_command([*sample, "--mask-source", "label", "--allowed-region", label_path])
+    with pytest.raises(MedDiffFTError, match=r"--placement learned places generated lesions \(--mask-source "
+                                             r"generator\); --mask-source jitter keeps the old lesion's place: "
+                                             r"drop --placement\."):
+        run_command([*sample, "--jitter", "--placement", "learned"])
     with pytest.raises(MedDiffFTError, match=r"--old-lesion keep adds a generated lesion next to the old one "
                                              r"\(--mask-source generator\); --mask-source jitter repaints the "
                                              r"old lesion itself: drop --old-lesion or use --mask-source generator\."):

@@ -3,7 +3,8 @@ without fine-tuning again.
 
 For each seed of an existing `meddiffft evaluate` folder (SRC), the fine-tuned model is copied;
 a model made before the QA's healed check gets that check's threshold, calibrated on its own fold
-segmenters and labeled cases (as fine-tuning now does: `quality.healed_bound`); the run's sampling
+segmenters and labeled cases (as fine-tuning now does: `quality.healed_bound`), and one made before
+`--placement learned` gets its lesions' positions from the same cases; the run's sampling
 is repeated with the same seed (`meddiffft sample`). With the evaluation's own sampling options the
 candidates are the same and only the QA differs. The result is a new evaluation folder (OUT) whose
 generation units match SRC's key, so rerunning the same `evaluate` command on OUT
@@ -14,6 +15,8 @@ OUT kept.
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2"
     nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1k \
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2 --old-lesion keep"
+    nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1p \
+        --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2 --old-lesion keep --placement learned"
 """
 
 from __future__ import annotations
@@ -54,6 +57,26 @@ def calibrate(model_dir: Path, labeled_csv: Path) -> dict:
     return entry
 
 
+def add_positions(model_dir: Path, labeled_csv: Path) -> None:
+    """Add each mask-generator lesion's frame position to a model folder made before they were
+    recorded (the same cases in the same order give the same lesions: checked by their areas)."""
+    from MedDiffFTLib.backbone import read_model_card
+    from MedDiffFTLib.caseio import read_case, read_cases_csv
+    from MedDiffFTLib.mask_generator import FOLDER, LESIONS_FILE, collect_lesions
+    from MedDiffFTLib.outputs import write_json
+
+    path = model_dir / FOLDER / LESIONS_FILE
+    stored = json.loads(path.read_text())
+    if all("position" in lesion for lesion in stored["lesions"]):
+        return
+    card = read_model_card(model_dir)
+    cases = [read_case(image, label) for image, label in read_cases_csv(str(labeled_csv))]
+    _, lesions = collect_lesions(cases, card["slices"]["axis"], card["mask_generator"]["resolution"])
+    if [lesion["areas"] for lesion in lesions] != [lesion["areas"] for lesion in stored["lesions"]]:
+        sys.exit(f"{labeled_csv} does not give the lesions {model_dir}'s mask generator was trained on")
+    write_json(path, {"lesions": lesions})
+
+
 def main() -> None:
     from MedDiffFTLib.cli import run_command
 
@@ -78,6 +101,7 @@ def main() -> None:
         shutil.rmtree(model, ignore_errors=True)
         shutil.copytree(src / "generation" / "model", model)
         entry = calibrate(model, out / "labeled.csv")
+        add_positions(model, out / "labeled.csv")
         shutil.rmtree(out / "generation", ignore_errors=True)
         run_command(["sample", "--model", str(model), "--cases", str(out / "labeled.csv"), "--seed", str(seed),
                      "--device", "cpu", "--progress", "none", "--out", str(out / "generation"),
