@@ -348,7 +348,7 @@ def test_logic_prepares_the_commands_of_each_mode(logicModule, case, tmp_path, w
     parameters = types.SimpleNamespace(
         inputVolume=volumeNode, inputSegmentation=segmentationNode, segmentIds=["lesion"], samples=2, seed=5,
         trainSteps=7, samplingSteps=3, resolution=32, device="cpu", allowedRegionSegmentId="cyst", backbone="compact",
-        baseModel="", guidanceScale=3.0, maskSource="generator", oldLesion="keep", qa=True, erode="auto",
+        baseModel="", guidanceScale=3.0, maskSource="generator", oldLesion="keep", placement="learned", qa=True, erode="auto",
     )  # fmt: skip
     logic = logicModule.MedDiffFTLogic()
     expected = {
@@ -369,6 +369,7 @@ def test_logic_prepares_the_commands_of_each_mode(logicModule, case, tmp_path, w
             if command != "finetune":  # the allowed-region segment went out as a mask file
                 assert Path(job.arguments[job.arguments.index("--allowed-region") + 1]).is_file()
                 assert job.arguments[job.arguments.index("--old-lesion") + 1] == "keep"
+                assert job.arguments[job.arguments.index("--placement") + 1] == "learned"
             job.discard()
     parameters.mode, parameters.modelFolder = Mode.GENERATE, noFolder
     with pytest.raises(ValueError, match="model folder"):

@@ -62,6 +62,7 @@ class MedDiffFTParameterNode:
     guidanceScale: Annotated[float, WithinRange(1.0, 20.0)] = 3.0
     maskSource: Annotated[str, Choice(["generator", "jitter", "label"])] = "generator"
     oldLesion: Annotated[str, Choice(["heal", "keep"])] = "heal"
+    placement: Annotated[str, Choice(["uniform", "learned"])] = "uniform"
     qa: bool = True
     erode: str = "auto"
 
@@ -134,6 +135,7 @@ class MedDiffFTLogic(ScriptedLoadableModuleLogic):
             "guidance_scale": parameters.guidanceScale,
             "mask_source": parameters.maskSource,
             "old_lesion": parameters.oldLesion,
+            "placement": parameters.placement,
             "erode": parameters.erode,
             "allowed_region": parameters.allowedRegionSegmentId or None,
         }  # fmt: skip
