@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from conftest import COMMON, SAMPLE_TINY, SHARED_DATA, TRAIN_TINY
 from MedDiffFTLib.caseio import read_case
@@ -67,6 +68,27 @@ def test_keeps_a_real_held_out_lesion(phantoms):
     assert scores["contrast"] >= thresholds["paint_min_contrast"]
     assert scores["memorization_ssim"] <= thresholds["memorization_max_ssim"]
     assert scores["faithfulness_dice"] >= thresholds["faithfulness_min_dice"]
+
+
+def test_faithfulness_scores_a_kept_real_lesion_as_labeled_lesion(phantoms, tmp_path):
+    """--old-lesion keep: the background's real lesion stays and is labeled beside the new one;
+    the segmenter finding it is agreement, not a false positive (the same pixels unlabeled are)."""
+    train, quality, held_out = phantoms
+    donor = phantom_case(tmp_path, HELD_OUT_SEED + 1)
+    shift = (-60, -36)  # the donor's lesion lands 6 px clear of the held-out lesion
+    new = np.roll(donor.foreground, shift, (1, 2))
+    assert ndimage.distance_transform_edt(~held_out.foreground)[new].min() > 6
+    image = held_out.image.copy()
+    image[new] = np.roll(donor.image, shift, (1, 2))[new]
+    scores = {}
+    for name, label in (("kept", new | held_out.foreground), ("unlabeled", new)):
+        sample = Sample(image=image, label=label.astype(np.uint8), foreground=label, guide=new, regenerated=new,
+                        background=held_out, seed=0, slices=[0], seconds=0.0)
+        scores[name] = quality.assess(sample, held_out)[1]
+    floor = quality.thresholds["faithfulness_min_dice"]
+    assert scores["kept"]["faithfulness_dice"] >= floor and scores["kept"]["passed"]
+    assert scores["unlabeled"]["faithfulness_dice"] < floor
+    assert scores["unlabeled"]["reason"].startswith("mask not faithful: segmenter Dice")
 
 
 def test_rejects_an_unpainted_background(phantoms):
