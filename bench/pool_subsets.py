@@ -1,0 +1,70 @@
+"""Pool the K-subsets of several `meddiffft evaluate` folders (e.g. one re-sampled with
+bench/resample.py and one run later with more seeds) into one paired comparison per subset.
+
+Each folder's seed_S/ holds the arms' records (ARM.json: test `dice_mean`, validation
+`history.val_dice`); a subset is its seed, which must occur in one folder only. Prints, per
+subset, the test and validation Dice of both arms, then the delta's mean +- sd, its paired t-test
+and how many subsets gained (the validation delta is what a setting is judged on; test is only
+reported). With --versus, two generators are compared on the subsets both hold (same real-only
+arm, B's synthetic arm minus A's).
+
+    .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
+    .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1p /tmp/busi_eval/run_v1p2 \\
+        --versus /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+
+def arm_scores(folders: list[Path], arm: str) -> dict[int, tuple[float, float]]:
+    """Per subset (seed): (test Dice, best validation Dice) of ``arm``."""
+    scores: dict[int, tuple[float, float]] = {}
+    for folder in folders:
+        for record in sorted(folder.glob(f"seed_*/{arm}.json")):
+            seed = int(record.parent.name.removeprefix("seed_"))
+            if seed in scores:
+                raise SystemExit(f"subset {seed} occurs twice (in {record.parent}): pass each subset once")
+            arm_record = json.loads(record.read_text())
+            scores[seed] = (arm_record["dice_mean"], max(value for _, value in arm_record["history"]["val_dice"]))
+    return scores
+
+
+def describe(name: str, deltas: dict[int, tuple[float, float]]) -> None:
+    test = np.array([d[0] for d in deltas.values()]) * 100
+    val = np.array([d[1] for d in deltas.values()]) * 100
+    p_value = stats.ttest_1samp(test, 0.0).pvalue if len(test) > 1 else float("nan")
+    print(f"{name}: {len(test)} subsets; test {test.mean():+.2f} +- {test.std(ddof=1) if len(test) > 1 else 0:.2f} "
+          f"points (paired t p = {p_value:.3f}; {int((test > 0).sum())} gained); validation {val.mean():+.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", type=Path, nargs="+", help="evaluation folders")
+    parser.add_argument("--versus", type=Path, nargs="+", help="another generator's folders, same subsets")
+    parser.add_argument("--arm", default="real_plus_synthetic")
+    args = parser.parse_args()
+    real, extra = arm_scores(args.folders, "real_only"), arm_scores(args.folders, args.arm)
+    seeds = sorted(set(real) & set(extra))
+    print("subset  real only (test, val)  with synthetic (test, val)  delta test, val (points)")
+    for seed in seeds:
+        (rt, rv), (et, ev) = real[seed], extra[seed]
+        print(f"{seed:6d}  {rt:.3f} {rv:.3f}            {et:.3f} {ev:.3f}                  "
+              f"{(et - rt) * 100:+.1f} {(ev - rv) * 100:+.1f}")
+    real_test = np.array([real[s][0] for s in seeds])
+    print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
+    describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
+    if args.versus:
+        other = arm_scores(args.versus, args.arm)
+        shared = [s for s in seeds if s in other]
+        describe(f"{args.arm}: these folders - --versus", {s: tuple(np.subtract(extra[s], other[s])) for s in shared})
+
+
+if __name__ == "__main__":
+    main()
