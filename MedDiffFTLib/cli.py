@@ -212,7 +212,7 @@ def _add_placement(group) -> None:
     group.add_argument("--placement", default="uniform", choices=PLACEMENTS,
                        help="where in the allowed region a generated lesion goes: uniform (default; "
                             "anywhere) or learned (near where a labeled lesion lies in its image, "
-                            "relative to the frame, e.g. not in the skin layer)")
+                            "relative to the frame)")
 
 
 def _placement_options(args) -> dict:

@@ -262,9 +262,9 @@ class GeneratorMaskSource:
     """New lesions drawn from the mask generator (see the module docstring), placed inside
     ``allowed_region`` (a mask file on the background's grid, or a segment of the background's
     own label; default: the image's body), anywhere in it (``placement`` uniform) or near the
-    relative position of the real lesion whose profile it follows (learned: e.g. below the skin
-    layer where the labeled lesions are). The background's own lesion is healed, or with
-    ``keep_old`` kept, labeled, and kept clear of like any other label."""
+    relative position of the real lesion whose profile it follows (learned; a kept old lesion or
+    another label there pushes it to a free place nearby). The background's own lesion is
+    healed, or with ``keep_old`` kept, labeled, and kept clear of like any other label."""
 
     generator: MaskGenerator
     allowed_region: str | None = None
@@ -408,7 +408,7 @@ class GeneratorMaskSource:
 
 
 def _place(forbidden: np.ndarray, lesion: np.ndarray, draw: np.random.Generator,
-           target: list[float] | None = None, spread: float = 0.1) -> np.ndarray | None:
+           target: list[float] | None = None, spread: float = GeometryBounds.spread) -> np.ndarray | None:
     """A random start (slice, row, col) where ``lesion`` overlaps no forbidden voxel, or None:
     uniform over the free starts, or with ``target`` (the lesion centre relative to the frame)
     drawn with Gaussian weights of ``spread`` around it (so a free start is always found)."""
