@@ -195,22 +195,24 @@ def test_run_masks_command_and_erosion(tmp_path, volume_case):
         assert isinstance(entry["mask_seed"], int) and entry["max_training_iou"] < 0.95
         assert (sitk.GetArrayFromImage(read(tmp_path / "run" / entry["label"])) > 0).any()
     # the masks command: K masks with the case's exact geometry, equal to the guide masks that
-    # `sample` paints with the same seeds (with --erode 0 its label is the guide mask)
-    result = run_command(["masks", "--model", model, "--image", image_path, "--label", label_path,
-                          "--n", "3", "--out", tmp_path / "masks", *COMMON])
-    assert result["masks"] == 3
-    masks = json.loads((tmp_path / "masks" / "manifest.json").read_text())["masks"]
-    assert [m["label"] for m in masks] == ["mask_001.nrrd", "mask_002.nrrd", "mask_003.nrrd"]
-    run_command(["sample", "--model", model, "--image", image_path, "--label", label_path, "--out",
-                 tmp_path / "sample", "--erode", "0", *SAMPLE_TINY, *COMMON])
-    samples = json.loads((tmp_path / "sample" / "manifest.json").read_text())["samples"]
+    # `sample` paints with the same seeds and placement options (with --erode 0 its label is the guide mask)
     source = read(label_path)
-    for mask, sample in zip(masks, samples):
-        written = read(tmp_path / "masks" / mask["label"])
-        assert geometry(written)[:4] == geometry(source)[:4]
-        guide = sitk.GetArrayFromImage(written)
-        assert np.array_equal(guide, sitk.GetArrayFromImage(read(tmp_path / "sample" / sample["label"])))
-        assert mask["mask_seed"] == sample["mask_seed"] and sample["erode"]["removed_px"] == 0
+    for name, placement in (("default", []), ("kept_learned", ["--old-lesion", "keep", "--placement", "learned"])):
+        result = run_command(["masks", "--model", model, "--image", image_path, "--label", label_path,
+                              "--n", "3", "--out", tmp_path / f"masks_{name}", *placement, *COMMON])
+        assert result["masks"] == 3
+        masks = json.loads((tmp_path / f"masks_{name}" / "manifest.json").read_text())["masks"]
+        assert [m["label"] for m in masks] == ["mask_001.nrrd", "mask_002.nrrd", "mask_003.nrrd"]
+        run_command(["sample", "--model", model, "--image", image_path, "--label", label_path, "--out",
+                     tmp_path / f"sample_{name}", "--erode", "0", *placement, *SAMPLE_TINY, *COMMON])
+        samples = json.loads((tmp_path / f"sample_{name}" / "manifest.json").read_text())["samples"]
+        for mask, sample in zip(masks, samples):
+            written = read(tmp_path / f"masks_{name}" / mask["label"])
+            assert geometry(written)[:4] == geometry(source)[:4]
+            guide = sitk.GetArrayFromImage(written)
+            assert np.array_equal(guide, sitk.GetArrayFromImage(read(tmp_path / f"sample_{name}" / sample["label"])))
+            assert mask["mask_seed"] == sample["mask_seed"] and sample["erode"]["removed_px"] == 0
+            assert mask["placement_mode"] == sample["placement_mode"] == (placement[-1] if placement else "uniform")
 
 
 def test_eroded_label_is_a_non_empty_subset_of_the_guide(pictures):
