@@ -184,7 +184,7 @@ def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesio
         raise MedDiffFTError(f"--placement {placement}: choose one of {', '.join(PLACEMENTS)}.")
     if placement != "uniform" and name != "generator":
         raise MedDiffFTError(f"--placement {placement} places generated lesions (--mask-source generator); "
-                             f"--mask-source {name} keeps the old lesion's place: drop --placement.")
+                             f"--mask-source {name} works from the case's own lesion: drop --placement.")
     if allowed_region is not None and name != "generator":
         raise MedDiffFTError(f"--allowed-region places generated lesions (--mask-source generator); "
                              f"with --mask-source {name} drop it.")

@@ -241,7 +241,7 @@ def test_missing_generator_and_misplaced_options_name_the_fix(tmp_path, picture_
                                              r"generator\); with --mask-source label drop it\."):
         run_command([*sample, "--mask-source", "label", "--allowed-region", label_path])
     with pytest.raises(MedDiffFTError, match=r"--placement learned places generated lesions \(--mask-source "
-                                             r"generator\); --mask-source jitter keeps the old lesion's place: "
+                                             r"generator\); --mask-source jitter works from the case's own lesion: "
                                              r"drop --placement\."):
         run_command([*sample, "--jitter", "--placement", "learned"])
     with pytest.raises(MedDiffFTError, match=r"--old-lesion keep adds a generated lesion next to the old one "
