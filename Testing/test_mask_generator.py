@@ -111,7 +111,7 @@ def assert_coherent(new: np.ndarray) -> np.ndarray:
     return held
 
 
-def test_learned_placement_puts_new_lesions_where_the_labeled_lesions_lie(pictures, tmp_path):
+def test_learned_placement_puts_new_lesions_where_the_labeled_lesions_lie(pictures):
     """--placement learned: each new lesion lands near the relative position of the real lesion it
     follows (uniform lands anywhere in the body, on average far further away); a model folder
     without lesion positions names the fix."""

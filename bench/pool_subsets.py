@@ -6,7 +6,7 @@ Each folder's seed_S/ holds the arms' records (ARM.json: test `dice_mean`, valid
 subset, the test and validation Dice of both arms, then the delta's mean +- sd, its paired t-test
 and how many subsets gained (the validation delta is what a setting is judged on; test is only
 reported). With --versus, two generators are compared on the subsets both hold (same real-only
-arm, B's synthetic arm minus A's).
+arm): the synthetic arm of FOLDERS minus that of the --versus folders.
 
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1p /tmp/busi_eval/run_v1p2 \\
