@@ -259,7 +259,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                        help="same as --mask-source jitter")
     group.add_argument("--background", action="append", default=[], metavar="PATH",
                        help="lesion-free image/volume to paint into instead of the case itself "
-                            "(repeatable; samples cycle through them)")
+                            "(repeatable; samples cycle through them, on across the cases)")
     group.add_argument("--guidance-scale", type=float,
                        help="classifier-free guidance scale of sd-inpaint models (default: the "
                             "model's, 3.0; 1 = no guidance)")
@@ -606,9 +606,10 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
 
         quality = QualityFilter.load(model_dir, card, resolve_device(args.device))
     entries, rejected, first_samples = [], [], []
-    for case in cases:
+    for position, case in enumerate(cases):
+        turn = position * settings.samples % max(len(backgrounds), 1)  # the cycle goes on across cases
         samples, dropped = generate_samples(backbone, card, bank, case, settings=settings,
-                                            progress=progress, backgrounds=backgrounds,
+                                            progress=progress, backgrounds=backgrounds[turn:] + backgrounds[:turn],
                                             sample_filter=quality, keep_best=args.qa_keep,
                                             mask_source=mask_source)
         for entry in write_samples(directory, samples, case, start=len(entries)):

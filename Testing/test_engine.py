@@ -219,9 +219,15 @@ def test_background_mode_paints_into_a_lesion_free_image(tmp_path, picture_case)
     image_path, label_path = picture_case
     healthy = np.clip(ultrasound_phantom(seed=9, size=96)[0].astype(int) + 40, 0, 255).astype(np.uint8)
     Image.fromarray(healthy).save(tmp_path / "healthy.png")
-    run(tmp_path, image_path, label_path, "out", "--background", tmp_path / "healthy.png")
-    entry = manifest(tmp_path / "out")["samples"][0]
-    assert entry["background_image"] == str(tmp_path / "healthy.png")
+    backgrounds = [tmp_path / "healthy.png", *(tmp_path / f"other_{n}.png" for n in range(2))]
+    for path in backgrounds[1:]:
+        Image.fromarray(255 - healthy).save(path)
+    # the same case twice, 2 samples each: the cycle over 3 backgrounds goes on from case to case
+    run(tmp_path, image_path, label_path, "out", "--image", image_path, "--label", label_path,
+        *(arg for path in backgrounds for arg in ("--background", path)))
+    entries = manifest(tmp_path / "out")["samples"]
+    assert [e["background_image"] for e in entries] == [str(backgrounds[n % 3]) for n in range(4)]
+    entry = entries[0]
     sample = np.asarray(Image.open(tmp_path / "out" / entry["image"]))
     new = np.asarray(Image.open(tmp_path / "out" / entry["label"])) > 0
     assert sample.ndim == 2 and new.sum() == (np.asarray(Image.open(label_path)) > 0).sum()
