@@ -148,15 +148,16 @@ class JitterMaskSource:
 
 def place_label(label: np.ndarray, foreground: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Move a label onto a grid of another ``shape`` (a background), keeping the lesion's relative
-    position; the lesion's bounding box must fit."""
+    position; the lesion's bounding box must fit (else only this sample is rejected)."""
     if label.shape == tuple(shape):
         return label.copy(), foreground.copy()
     boxes = np.argwhere(foreground)
     low, high = boxes.min(axis=0), boxes.max(axis=0) + 1
     extent = high - low
     if any(e > s for e, s in zip(extent, shape)):
-        raise MedDiffFTError(f"The lesion ({tuple(extent)} voxels) does not fit in the background "
-                             f"({tuple(shape)}); use a larger background.")
+        raise PlacementError(f"The case's lesion ({tuple(int(e) for e in extent)} voxels) does not fit "
+                             f"in the background ({tuple(shape)}): this sample is skipped; use larger "
+                             "backgrounds to use them all.")
     centre = (low + high) / 2 / np.asarray(label.shape) * np.asarray(shape)
     start = np.clip(np.round(centre - extent / 2).astype(int), 0, np.asarray(shape) - extent)
     out_label = np.zeros(shape, dtype=label.dtype)

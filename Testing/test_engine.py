@@ -235,6 +235,20 @@ def test_background_mode_paints_into_a_lesion_free_image(tmp_path, picture_case)
     assert np.array_equal(sample[far], healthy[far])
 
 
+def test_a_background_too_small_for_the_lesion_rejects_only_its_samples(tmp_path, picture_case):
+    from PIL import Image
+
+    image_path, label_path = picture_case
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.full((96, 96), 90, np.uint8)).save(tmp_path / "large.png")
+    run(tmp_path, image_path, label_path, "out", "--background", tmp_path / "small.png",
+        "--background", tmp_path / "large.png")
+    result = manifest(tmp_path / "out")
+    assert [e["background_image"] for e in result["samples"]] == [str(tmp_path / "large.png")]
+    assert [e["seed"] for e in result["rejected"]] == [0]
+    assert "does not fit in the background ((1, 8, 8))" in result["rejected"][0]["reason"]
+
+
 def test_demo_runs_and_says_it_uses_a_phantom(tmp_path):
     events = []
     result = run_command(["demo", "--out", tmp_path / "demo", "--train-steps", "2", "--samples", "1",
