@@ -255,13 +255,14 @@ def generate_samples(backbone: Backbone, card: dict, bank: dict, case: Case, *,
     # counted in samples: a sample's slice count is known only once its new lesion is drawn
     with progress.stage("sample", settings.samples) as advance:
         for index in range(settings.samples):
+            background = backgrounds[index % len(backgrounds)]
             try:
-                sample = generate_sample(backbone, card, bank, case, backgrounds[index % len(backgrounds)],
+                sample = generate_sample(backbone, card, bank, case, background,
                                          settings, index, progress.check_cancel, mask_source)
             except PlacementError as exc:
                 sample = None
                 rejected.append({"seed": settings.seed + index, "source_image": case.image_path,
-                                 "reason": str(exc)})
+                                 "background_image": background.image_path, "reason": str(exc)})
             advance(1)
             if sample is None:
                 continue
@@ -270,15 +271,15 @@ def generate_samples(backbone: Backbone, card: dict, bank: dict, case: Case, *,
                 sample.details["qa"] = scores
                 if not keep:
                     rejected.append({"seed": sample.seed, "source_image": case.image_path,
+                                     "background_image": background.image_path,
                                      "reason": scores.get("reason"), "qa": scores})
                     continue
             kept.append(sample)
     if keep_best is not None and len(kept) > keep_best:
         ranked = sorted(kept, key=lambda s: (-s.details["qa"]["overall"], s.seed))
-        rejected += [{"seed": s.seed, "source_image": case.image_path,
-                      "reason": f"not among the best: passed, but the {keep_best} best "
-                                                f"of {settings.samples} scored higher (overall "
-                                                f"{s.details['qa']['overall']})",
+        rejected += [{"seed": s.seed, "source_image": case.image_path, "background_image": s.background.image_path,
+                      "reason": f"not among the best: passed, but the {keep_best} best of {settings.samples} "
+                                f"scored higher (overall {s.details['qa']['overall']})",
                       "qa": s.details["qa"]} for s in ranked[keep_best:]]
         kept = sorted(ranked[:keep_best], key=lambda s: s.seed)
     return kept, rejected

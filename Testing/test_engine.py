@@ -245,7 +245,7 @@ def test_a_background_too_small_for_the_lesion_rejects_only_its_samples(tmp_path
         "--background", tmp_path / "large.png")
     result = manifest(tmp_path / "out")
     assert [e["background_image"] for e in result["samples"]] == [str(tmp_path / "large.png")]
-    assert [e["seed"] for e in result["rejected"]] == [0]
+    assert [(e["seed"], e["background_image"]) for e in result["rejected"]] == [(0, str(tmp_path / "small.png"))]
     assert "does not fit in the background ((1, 8, 8))" in result["rejected"][0]["reason"]
 
 

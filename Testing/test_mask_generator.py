@@ -300,7 +300,8 @@ def test_a_lesion_that_cannot_be_placed_rejects_its_sample_and_no_sample_at_all_
                                       settings=SampleSettings(samples=2, sampling_steps=2), progress=Progress(),
                                       mask_source=UnplaceableFirst())
     assert [s.seed for s in kept] == [1]
-    assert rejected == [{"seed": 0, "source_image": str(image_path), "reason": "no room for seed 0"}]
+    assert rejected == [{"seed": 0, "source_image": str(image_path), "background_image": str(image_path),
+                        "reason": "no room for seed 0"}]
 
 
 class UnplaceableFirst:
