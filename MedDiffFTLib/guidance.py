@@ -25,12 +25,15 @@ SAMPLERS = ("dpmsolver++", "sde-dpmsolver++", "ddpm")
 
 def make_sampler(name: str, training_scheduler_config: dict) -> SchedulerMixin:
     """A sampling scheduler from the training scheduler's config: ``dpmsolver++`` (deterministic,
-    default), ``sde-dpmsolver++`` or ``ddpm`` (ancestral; both stochastic)."""
+    default), ``sde-dpmsolver++`` or ``ddpm`` (ancestral; both stochastic). Timesteps are spaced
+    "leading", as every saved model has sampled (and every measurement in README used), so a model
+    fresh from training samples exactly like its reload: a config made in code marks its values
+    as defaults, which diffusers replaces by the sampler's own ("linspace" for DPM-Solver)."""
     if name == "ddpm":
-        return DDPMScheduler.from_config(training_scheduler_config)
+        return DDPMScheduler.from_config(training_scheduler_config, timestep_spacing="leading")
     if name in ("dpmsolver++", "sde-dpmsolver++"):
         return DPMSolverMultistepScheduler.from_config(training_scheduler_config, algorithm_type=name,
-                                                       solver_order=2)
+                                                       solver_order=2, timestep_spacing="leading")
     raise MedDiffFTError(f"--sampler {name}: choose one of {', '.join(SAMPLERS)}.")
 
 
