@@ -61,10 +61,11 @@ def _prepare_out(out: Path, record: dict, overwrite: bool) -> None:
 def run_batch(pairs: list[Pair], out: Path, *, options: dict, overwrite: bool, cpu: bool,
               progress: Progress, read: Callable[[Pair], Case],
               finetune: Callable[[Path, list[Case]], None],
-              generate: Callable[[Path, Path, Case], None]) -> dict:
+              generate: Callable[[Path, Path, Case, int], None]) -> dict:
     """Fine-tune unless ``OUT/model`` is complete (every process takes part: finetune_model
     averages gradients across processes and only the main one writes), then ``generate(case
-    folder, model folder, case)`` for this process's share of the unfinished cases.
+    folder, model folder, case, its index in pairs)`` for this process's share of the unfinished
+    cases.
 
     ``options`` are what must match on a restart; ``cpu`` makes launched processes talk over gloo
     (without it accelerate expects one GPU per process). Returns this run's record (all processes').
@@ -93,7 +94,7 @@ def run_batch(pairs: list[Pair], out: Path, *, options: dict, overwrite: bool, c
             with progress.stage(name, len(mine)) as advance:
                 for index in mine:
                     with staged_dir(cases_dir / ids[index], False) as tmp:
-                        generate(tmp, model_dir, read(pairs[index]))
+                        generate(tmp, model_dir, read(pairs[index]), index)
                     generated.append({"case": ids[index], "process": state.process_index})
                     advance(1)
         last_run = {"processes": state.num_processes, "generated": gather_object(generated),

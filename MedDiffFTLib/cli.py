@@ -586,9 +586,10 @@ def _finetune(args, progress: Progress, model_out: Path, cases: list, unlabeled:
 
 
 def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: Progress,
-                 recorded_model: Path) -> dict:
+                 recorded_model: Path, first_position: int = 0) -> dict:
     """Generate for every case into ``directory`` (staged); write samples, manifest and preview.
-    ``recorded_model`` is the model folder's final path, for the manifest."""
+    ``recorded_model`` is the model folder's final path, for the manifest; ``first_position`` is
+    the first case's place in the whole list (a batch's cases), where the --background cycle is."""
     from .backbone import load_model, resolve_device
     from .caseio import read_case
     from .generate import generate_samples
@@ -606,7 +607,7 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
 
         quality = QualityFilter.load(model_dir, card, resolve_device(args.device))
     entries, rejected, first_samples = [], [], []
-    for position, case in enumerate(cases):
+    for position, case in enumerate(cases, start=first_position):
         turn = position * settings.samples % max(len(backgrounds), 1)  # the cycle goes on across cases
         samples, dropped = generate_samples(backbone, card, bank, case, settings=settings,
                                             progress=progress, backgrounds=backgrounds[turn:] + backgrounds[:turn],
@@ -705,8 +706,8 @@ def command_batch(args, progress: Progress) -> dict:
     def finetune(model_dir: Path, cases: list) -> None:
         _finetune(args, progress, model_dir, cases, unlabeled)
 
-    def generate(directory: Path, model_dir: Path, case) -> None:
-        _sample_into(directory, model_dir, [case], args, progress, model_dir)
+    def generate(directory: Path, model_dir: Path, case, position: int) -> None:
+        _sample_into(directory, model_dir, [case], args, progress, model_dir, first_position=position)
 
     last_run = run_batch(pairs, out, options=options, overwrite=args.overwrite,
                          cpu=resolve_device(args.device).type == "cpu", progress=progress,

@@ -36,12 +36,16 @@ def record(out: Path) -> dict:
 def test_two_accelerate_processes_write_each_case_exactly_once(tmp_path):
     csv = cases_csv(tmp_path)
     out = tmp_path / "out"
+    backgrounds = [tmp_path / f"background{n}.nrrd" for n in range(3)]
+    for n, path in enumerate(backgrounds):
+        write_volume(make_volume(10 + n)[0], path)
     accelerate = Path(sys.executable).with_name("accelerate")
     # `--cpu` would start one process (accelerate's multi-CPU launch needs MPI); the torchrun
     # launcher starts two, and --device cpu makes them talk over gloo.
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "MedDiffFTLib.cli", "batch",
-               "--cases", str(csv), "--out", str(out), *FAST, *COMMON]
+               "--cases", str(csv), "--out", str(out), *FAST, *COMMON,
+               *(arg for path in backgrounds for arg in ("--background", str(path)))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
@@ -54,6 +58,8 @@ def test_two_accelerate_processes_write_each_case_exactly_once(tmp_path):
     for case_id, seed in zip(IDS, range(4)):
         manifest = json.loads((out / "cases" / case_id / "manifest.json").read_text())
         assert [s["source_image"] for s in manifest["samples"]] == [str(tmp_path / f"case{seed}.nrrd")]
+        # the --background cycle follows the case's place in the list, whichever process paints it
+        assert [s["background_image"] for s in manifest["samples"]] == [str(backgrounds[seed % 3])]
         assert manifest["model"]["path"] == str(out / "model")
     card = json.loads((out / "model" / "meddiffft.json").read_text())
     assert card["training"]["steps_done"] == 4 and len(card["training"]["cases"]) == 4
