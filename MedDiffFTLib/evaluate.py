@@ -52,6 +52,7 @@ class EvaluateSettings:
     unlabeled_pool: bool = True
     arms: list[str] = field(default_factory=lambda: ["real_only", "real_plus_synthetic"])
     seg_epochs: int = 1000        # passes over the K real cases' slices, at most
+    seg_repeats: int = 1          # segmenters per arm and seed, each with its own seed; Dice averaged
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     run_args: list[str] = field(default_factory=list)  # forwarded to `meddiffft run`
     device: str = "auto"
@@ -446,23 +447,54 @@ def arm_steps(real_only_steps: int, segmenter: SegmenterSettings, mixed: bool) -
     return math.ceil(real_only_steps * segmenter.batch_size / batch_shares(segmenter)[0])
 
 
+def unit_name(arm: str, repeat: int) -> str:
+    """An arm's record name; repeat 0 keeps the plain arm name, so folders made before
+    --seg-repeats stay valid."""
+    return arm if repeat == 0 else f"{arm}.repeat{repeat}"
+
+
+def segmenter_seed(seed: int, repeat: int) -> int:
+    """The segmenter seed of a repeat: the subset's seed for repeat 0 (as before --seg-repeats),
+    then seeds that collide with no other subset's."""
+    return seed if repeat == 0 else int(np.random.SeedSequence([seed, repeat]).generate_state(1)[0])
+
+
+def combine_repeats(records: list[dict]) -> dict:
+    """An arm's result over its repeats: test Dice, HD95 and best validation Dice averaged; the first
+    repeat's training history (curves, best step) stands for the arm."""
+    return {"dice_mean": float(np.mean([r["dice_mean"] for r in records])),
+            "hd95_mean": _mean_defined(r["hd95_mean"] for r in records),
+            "best_val_dice": float(np.mean([max(v for _, v in r["history"]["val_dice"]) for r in records])),
+            "repeats": [r["dice_mean"] for r in records], "history": records[0]["history"],
+            "seconds": round(sum(r["seconds"] for r in records), 2),
+            "peak_memory_mb": records[-1]["peak_memory_mb"]}
+
+
 def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real, validation, extra, test,
                settings: EvaluateSettings, device: torch.device, bar: _Bar) -> dict:
-    """Train and score one arm's segmenter (skipped when done with the same inputs)."""
+    """Train and score one arm's segmenters, one per repeat (each skipped when done with the same
+    inputs)."""
     augmentation, pairs_name = ARMS[arm]
-    record_path = seed_dir / f"{arm}.json"
-    child, finish = bar.unit(steps)
-    if not _unit_done(record_path, key):
-        seg = SegmenterSettings(**{**asdict(settings.segmenter), "augmentation": augmentation, "seed": seed,
-                                   "max_steps": steps, "validate_every": max(1, steps // 40)})
-        began = _start_unit()
-        model, history = train_segmenter(real[0], real[1], seg, device=device, validation=validation,
-                                         synthetic=extra.get(pairs_name) if pairs_name else None, progress=child)
-        _save_segmenter(model, seed_dir / f"{arm}.safetensors")
-        write_json(record_path, {"key": key, **score_cases(model, test), "history": history,
-                                 "seconds": round(time.monotonic() - began, 2), "peak_memory_mb": _peak_memory_mb()})
-    finish()
-    return json.loads(record_path.read_text())
+    records = []
+    for repeat in range(settings.seg_repeats):
+        record_path = seed_dir / f"{unit_name(arm, repeat)}.json"
+        unit_key = {**key, "repeat": repeat} if repeat else key
+        child, finish = bar.unit(steps)
+        if not _unit_done(record_path, unit_key):
+            seg = SegmenterSettings(**{**asdict(settings.segmenter), "augmentation": augmentation,
+                                       "seed": segmenter_seed(seed, repeat), "max_steps": steps,
+                                       "validate_every": max(1, steps // 40)})
+            began = _start_unit()
+            model, history = train_segmenter(real[0], real[1], seg, device=device, validation=validation,
+                                             synthetic=extra.get(pairs_name) if pairs_name else None,
+                                             progress=child)
+            _save_segmenter(model, seed_dir / f"{unit_name(arm, repeat)}.safetensors")
+            write_json(record_path, {"key": unit_key, **score_cases(model, test), "history": history,
+                                     "seconds": round(time.monotonic() - began, 2),
+                                     "peak_memory_mb": _peak_memory_mb()})
+        finish()
+        records.append(json.loads(record_path.read_text()))
+    return combine_repeats(records)
 
 
 def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSettings, *,
@@ -475,8 +507,8 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
             raise MedDiffFTError(f"Unknown arm {arm!r}; use some of {', '.join(ARMS)}.")
     if "real_only" not in settings.arms:
         raise MedDiffFTError("--arms must include real_only (the baseline and the faithfulness judge).")
-    if settings.seeds <= 0 or settings.synthetic_per_real <= 0 or settings.seg_epochs <= 0:
-        raise MedDiffFTError("--seeds, --synthetic-per-real and --seg-epochs must be positive.")
+    if min(settings.seeds, settings.synthetic_per_real, settings.seg_epochs, settings.seg_repeats) <= 0:
+        raise MedDiffFTError("--seeds, --synthetic-per-real, --seg-epochs and --seg-repeats must be positive.")
     if not 0.0 <= settings.segmenter.synthetic_fraction < 1.0:
         raise MedDiffFTError(f"--synthetic-fraction must be in [0, 1); got {settings.segmenter.synthetic_fraction}.")
     batch_shares(settings.segmenter)
@@ -507,8 +539,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         real = stacked(rows["labeled"])
         steps = max(1, math.ceil(settings.seg_epochs * len(real[0]) / settings.segmenter.batch_size))
         plans.append((seed, rows, real, steps))
-    total = sum(generation_weight + sum(arm_steps(steps, settings.segmenter, ARMS[arm][1] is not None)
-                                        for arm in settings.arms) for *_, steps in plans)
+    total = sum(generation_weight + settings.seg_repeats * sum(arm_steps(steps, settings.segmenter,
+                                                                         ARMS[arm][1] is not None)
+                                                               for arm in settings.arms) for *_, steps in plans)
     generation_inputs = {name: record[name] for name in ("train", "test", "k", "validation_cases", "unlabeled_pool",
                                                          "synthetic_per_real", "run_args")}
     per_seed, grid = {}, ()
@@ -612,6 +645,7 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
                        "hd95_mean": _mean_defined(per_seed[s]["arms"][arm]["hd95_mean"] for s in seeds),
                        "per_seed": [{"seed": s, "dice": per_seed[s]["arms"][arm]["dice_mean"],
                                      "hd95": per_seed[s]["arms"][arm]["hd95_mean"],
+                                     "repeats": per_seed[s]["arms"][arm]["repeats"],
                                      "best_step": per_seed[s]["arms"][arm]["history"]["best_step"],
                                      "steps_run": len(per_seed[s]["arms"][arm]["history"]["loss"])}
                                     for s in seeds]}
@@ -666,7 +700,8 @@ def report_markdown(report: dict, arms: list[str]) -> str:
     lines = ["# MedDiffFT evaluation", "",
              f"K = {settings['k']} labeled cases per seed, {len(report['real_only']['per_seed'])} seeds "
              f"(a different random K-subset each), {settings['test_cases']} test cases, "
-             f"unlabeled pool for the backbone: {'on' if settings['unlabeled_pool_used'] else 'off'}.", "",
+             f"unlabeled pool for the backbone: {'on' if settings['unlabeled_pool_used'] else 'off'}; "
+             f"{settings['seg_repeats']} segmenter(s) per arm and seed, Dice averaged.", "",
              "| arm | Dice mean | Dice sd | HD95 mean (px) | per seed |", "|---|---|---|---|---|"]
     for arm in arms:
         row = report[arm]

@@ -124,6 +124,27 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path):
     assert len(json.loads((out / "seed_0" / "real_only.json").read_text())["history"]["loss"]) == 3 * 2 // 2
 
 
+def test_segmenter_repeats_average_their_dice_and_keep_the_first_repeat_s_record(split, tmp_path):
+    """--seg-repeats R trains each arm R times with their own segmenter seeds and averages the Dice;
+    repeat 0 is the arm's plain record, so a folder from before repeats (or with fewer) is reused."""
+    out = tmp_path / "run"
+    evaluate(split, out, "--arms", "real_only", "--seeds", "1")
+    single = json.loads((out / "report.json").read_text())["real_only"]["per_seed"][0]
+    trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
+    evaluate(split, out, "--arms", "real_only", "--seeds", "1", "--seg-repeats", "2")
+    assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained  # repeat 0 reused
+    records = [json.loads((out / "seed_0" / name).read_text()) for name in ("real_only.json",
+                                                                             "real_only.repeat1.json")]
+    assert records[0]["history"]["loss"] != records[1]["history"]["loss"]  # another segmenter seed
+    row = json.loads((out / "report.json").read_text())["real_only"]["per_seed"][0]
+    assert row["repeats"] == [single["dice"], records[1]["dice_mean"]] == [r["dice_mean"] for r in records]
+    assert row["dice"] == pytest.approx(np.mean(row["repeats"]))
+    assert row["best_step"] == single["best_step"]  # the first repeat's curves stand for the arm
+    with pytest.raises(MedDiffFTError, match=r"--seeds, --synthetic-per-real, --seg-epochs and --seg-repeats "
+                                             r"must be positive"):
+        evaluate(split, out, "--seg-repeats", "0")
+
+
 def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
     train, test = split
     missing = tmp_path / "data" / "missing.csv"

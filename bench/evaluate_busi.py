@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--synthetic-fraction", default="0.5",
                         help="share of each segmenter batch from the extra pairs (0.5, the library default, "
                              "won on validation at 1000 epochs; 0.25 at 400)")
+    parser.add_argument("--seg-repeats", default="1",
+                        help="segmenters per arm and subset, Dice averaged (the segmenter's seed alone moves "
+                             "a subset's test Dice by ~2 points)")
     parser.add_argument("--seg-patience", default="0", help="validations without gain before stopping (0 = never)")
     parser.add_argument("--max-side", type=int, default=0, help="copy the cases shrunk to this many px a side")
     parser.add_argument("--prepare-only", action="store_true", help="write the split (and copies) and stop")
@@ -134,7 +137,8 @@ def main() -> None:
             "--resolution", str(args.resolution), "--seg-epochs", str(args.seg_epochs),
             "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
             "--unlabeled-pool", args.unlabeled_pool, "--device", args.device,
-            "--synthetic-fraction", args.synthetic_fraction, "--seg-patience", args.seg_patience]
+            "--synthetic-fraction", args.synthetic_fraction, "--seg-patience", args.seg_patience,
+            "--seg-repeats", args.seg_repeats]
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
     started = time.monotonic()
     code = cli_main(argv)

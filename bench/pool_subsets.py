@@ -1,8 +1,9 @@
 """Pool the K-subsets of several `meddiffft evaluate` folders (e.g. one re-sampled with
 bench/resample.py and one run later with more seeds) into one paired comparison per subset.
 
-Each folder's seed_S/ holds the arms' records (ARM.json: test `dice_mean`, validation
-`history.val_dice`); a subset is its seed, which must occur in one folder only. Prints, per
+Each folder's seed_S/ holds the arms' records (ARM.json and, with --seg-repeats, ARM.repeatR.json:
+test `dice_mean`, validation `history.val_dice`; an arm's repeats are averaged as evaluate does); a
+subset is its seed, which must occur in one folder only. Prints, per
 subset, the test and validation Dice of both arms, then the delta's mean +- sd, its paired t-test
 and how many subsets gained (the validation delta is what a setting is judged on; test is only
 reported). With --versus, two generators are compared on the subsets both hold (same real-only
@@ -17,22 +18,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from scipy import stats
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from MedDiffFTLib.evaluate import combine_repeats  # noqa: E402
+
 
 def arm_scores(folders: list[Path], arm: str) -> dict[int, tuple[float, float]]:
-    """Per subset (seed): (test Dice, best validation Dice) of ``arm``."""
+    """Per subset (seed): (test Dice, best validation Dice) of ``arm``, over its repeats."""
     scores: dict[int, tuple[float, float]] = {}
     for folder in folders:
         for record in sorted(folder.glob(f"seed_*/{arm}.json")):
             seed = int(record.parent.name.removeprefix("seed_"))
             if seed in scores:
                 raise SystemExit(f"subset {seed} occurs twice (in {record.parent}): pass each subset once")
-            arm_record = json.loads(record.read_text())
-            scores[seed] = (arm_record["dice_mean"], max(value for _, value in arm_record["history"]["val_dice"]))
+            repeats = [record, *sorted(record.parent.glob(f"{arm}.repeat*.json"))]
+            combined = combine_repeats([json.loads(path.read_text()) for path in repeats])
+            scores[seed] = (combined["dice_mean"], combined["best_val_dice"])
     return scores
 
 
