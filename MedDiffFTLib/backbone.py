@@ -81,6 +81,11 @@ class Backbone(ABC):
                 on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Generate inside ``request.region``; equal to the background outside it."""
 
+    def sampling_used(self, sampler: str, num_steps: int) -> dict:
+        """The sampler and steps ``inpaint`` runs for these options (for the manifest); a recipe
+        that fixes its own says so here."""
+        return {"sampler": sampler, "sampling_steps": num_steps}
+
     @abstractmethod
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The weights that training changes (for checkpoints)."""

@@ -618,8 +618,8 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
                                             sample_filter=quality, keep_best=args.qa_keep,
                                             mask_source=mask_source)
         for entry in write_samples(directory, samples, case, start=len(entries)):
-            entry.update({"backbone": card["backbone"], "sampling_steps": settings.sampling_steps,
-                          "sampler": settings.sampler, "init": settings.init,
+            entry.update({"backbone": card["backbone"],
+                          **backbone.sampling_used(settings.sampler, settings.sampling_steps), "init": settings.init,
                           "strength": settings.strength if settings.init == "transplant" else None,
                           "seam_px": settings.seam})
             entries.append(entry)

@@ -243,6 +243,11 @@ class SDInpaintBackbone(Backbone):
         return {"base_model": self.settings.base_model, "finetune": self.settings.finetune,
                 "recipe": self.settings.recipe}
 
+    def sampling_used(self, sampler: str, num_steps: int) -> dict:
+        if self.settings.recipe == "reference":
+            return {"sampler": "ddim", "sampling_steps": REFERENCE_SAMPLING_STEPS}
+        return super().sampling_used(sampler, num_steps)
+
     def save_pretrained(self, directory: Path) -> None:
         if self.settings.finetune == "lora":
             from diffusers import StableDiffusionInpaintPipeline

@@ -167,6 +167,10 @@ def test_reference_recipe_uses_the_reference_hyperparameters(tmp_path, case, bas
     out = backbone.inpaint(request(batch=1), sampler="dpmsolver++", num_steps=3)  # the plain pipeline call
     outside = request(batch=1).region == 0
     assert torch.equal(out[outside], request(batch=1).background[outside])
+    run_command(["sample", "--model", model, "--image", case[0], "--label", case[1], "--out", tmp_path / "out",
+                 "--samples", "1", "--sampling-steps", "3", "--qa", "off", "--mask-source", "label", *COMMON])
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())["samples"][0]
+    assert (entry["sampler"], entry["sampling_steps"]) == ("ddim", 50)  # what ran, not the ignored options
 
 
 def _options(base: Path) -> dict:
