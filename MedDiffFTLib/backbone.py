@@ -81,6 +81,10 @@ class Backbone(ABC):
                 on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Generate inside ``request.region``; equal to the background outside it."""
 
+    def needs_loss_scaling(self) -> bool:
+        """Training runs under fp16 autocast, whose small gradients underflow without a loss scale."""
+        return False
+
     def sampling_used(self, sampler: str, num_steps: int) -> dict:
         """The sampler and steps ``inpaint`` runs for these options (for the manifest); a recipe
         that fixes its own says so here."""

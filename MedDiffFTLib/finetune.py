@@ -329,7 +329,7 @@ class TrainingWindows:
 
 
 def _save_checkpoint(directory: Path, step: int, backbone: Backbone, optimizer: torch.optim.Optimizer,
-                     ema: EMAModel | None, fingerprint: str) -> None:
+                     ema: EMAModel | None, scaler: torch.amp.GradScaler, fingerprint: str) -> None:
     final = directory / f"step-{step:07d}"
     tmp = directory / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -345,14 +345,14 @@ def _save_checkpoint(directory: Path, step: int, backbone: Backbone, optimizer: 
     ema_state.pop("collected_params", None)
     (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
                                                 "param_groups": opt_state["param_groups"],
-                                                "ema": ema_state}))
+                                                "ema": ema_state, "grad_scaler": scaler.state_dict()}))
     os.replace(tmp, final)
     for old in sorted(directory.glob("step-*"))[:-2]:
         shutil.rmtree(old)
 
 
 def _load_checkpoint(directory: Path, backbone: Backbone, optimizer: torch.optim.Optimizer,
-                     ema: EMAModel | None, fingerprint: str) -> int:
+                     ema: EMAModel | None, scaler: torch.amp.GradScaler, fingerprint: str) -> int:
     found = sorted(directory.glob("step-*"))
     if not found:
         return 0
@@ -373,6 +373,8 @@ def _load_checkpoint(directory: Path, backbone: Backbone, optimizer: torch.optim
         ema_state = dict(state["ema"])
         ema_state["shadow_params"] = [tensors[f"ema.{i}"] for i in range(len(list(ema.shadow_params)))]
         ema.load_state_dict(ema_state)
+    if state.get("grad_scaler"):  # fp16 runs; empty when loss scaling is off
+        scaler.load_state_dict(state["grad_scaler"])
     return int(state["step"])
 
 
@@ -439,6 +441,7 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
     params = [p for p in backbone.trainable_parameters() if p.requires_grad]
     optimizer = _optimizer(params, settings)
     ema = EMAModel(params, decay=settings.ema_decay, use_ema_warmup=True, power=0.75) if settings.ema_decay else None
+    scaler = torch.amp.GradScaler(device.type, enabled=backbone.needs_loss_scaling())
     fingerprint = hashlib.sha256(json.dumps(
         [windows.data_hash, asdict(settings) | {"minutes": None}, asdict(windows.slices)],
         sort_keys=True).encode()).hexdigest()
@@ -446,7 +449,7 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
     rank = dist.process_index if dist is not None else 0
     start = 0
     if checkpoint_dir is not None:
-        start = _load_checkpoint(checkpoint_dir, backbone, optimizer, ema, fingerprint)
+        start = _load_checkpoint(checkpoint_dir, backbone, optimizer, ema, scaler, fingerprint)
     pool = WindowPool(backbone, windows, settings, device, progress) if settings.latent_pool else None
     total = settings.pretrain_steps + settings.steps
     started = time.monotonic()
@@ -471,7 +474,7 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
                     batch = windows.batch(rng, settings.batch_size, settings.lesion_weight, pretrain=pretrain)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = backbone.training_loss(batch, generator) / settings.grad_accum
-                loss.backward()
+                scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
             if dist is not None:
                 from accelerate.utils import reduce
@@ -479,14 +482,16 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
                 grads = reduce([p.grad for p in params], reduction="mean")
                 for p, grad in zip(params, grads):
                     p.grad = grad
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            scaler.step(optimizer)  # skipped when fp16 gradients overflowed (the scale then shrinks)
+            scaler.update()
             if ema is not None:
                 ema.step(params)
             losses.append(step_loss)
             if (checkpoint_dir is not None and write_checkpoints
                     and (step + 1) % settings.checkpoint_every == 0):
-                _save_checkpoint(checkpoint_dir, step + 1, backbone, optimizer, ema, fingerprint)
+                _save_checkpoint(checkpoint_dir, step + 1, backbone, optimizer, ema, scaler, fingerprint)
             advance(1)
         else:
             step = total
@@ -494,7 +499,8 @@ def train(backbone: Backbone, windows: TrainingWindows, settings: TrainSettings,
         ema.copy_to(params)
     return {"steps_done": step, "seconds": round(time.monotonic() - started, 2),
             "final_loss": float(np.mean(losses[-20:])) if losses else None, "losses": losses,
-            "processes": dist.num_processes if dist is not None else 1}
+            "processes": dist.num_processes if dist is not None else 1,
+            "loss_scale": scaler.get_scale() if scaler.is_enabled() else None}
 
 
 def make_backbone(settings: TrainSettings, slices: SliceSettings, channels: int,

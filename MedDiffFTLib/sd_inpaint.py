@@ -243,6 +243,9 @@ class SDInpaintBackbone(Backbone):
         return {"base_model": self.settings.base_model, "finetune": self.settings.finetune,
                 "recipe": self.settings.recipe}
 
+    def needs_loss_scaling(self) -> bool:
+        return autocast_dtype(self.settings.precision, self.device) == torch.float16
+
     def sampling_used(self, sampler: str, num_steps: int) -> dict:
         if self.settings.recipe == "reference":
             return {"sampler": "ddim", "sampling_steps": REFERENCE_SAMPLING_STEPS}

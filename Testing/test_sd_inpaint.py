@@ -122,21 +122,26 @@ def test_lora_adapter_loads_with_diffusers(base, lora_model):
     assert torch.equal(theirs, mine) and not torch.equal(theirs, without)
 
 
-def test_resumed_lora_run_ends_with_the_same_adapter(tmp_path, case, base):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_resumed_lora_run_ends_with_the_same_adapter(tmp_path, case, base, precision):
+    """fp16 also scales the loss (its gradients underflow otherwise); the scale is resumed too."""
     from safetensors.torch import load_file
 
     args = ["finetune", "--image", case[0], "--label", case[1], *sd_tiny(base), "--train-steps", "4",
-            "--precision", "bf16", *COMMON]
+            "--precision", precision, *COMMON]
     run_command([*args, "--model-out", tmp_path / "full"])
     events = []
     with pytest.raises(Cancelled):
         run_command([*args, "--model-out", tmp_path / "resumed"], on_progress=events.append,
                     should_cancel=lambda: sum(e.get("stage") == "finetune" for e in events) >= 2)
-    assert (tmp_path / "resumed" / "checkpoints" / "step-0000002").is_dir()
+    saved = json.loads((tmp_path / "resumed" / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert bool(saved["grad_scaler"]) == (precision == "fp16")  # the checkpoint holds the loss scale
     run_command([*args, "--model-out", tmp_path / "resumed", "--resume"])
     for name in ("pytorch_lora_weights.safetensors", "conv_in.safetensors"):
         full, resumed = (load_file(str(tmp_path / run / name)) for run in ("full", "resumed"))
         assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    scales = [card(tmp_path / run)["training"]["loss_scale"] for run in ("full", "resumed")]
+    assert scales == ([None, None] if precision == "bf16" else [scales[0], scales[0]]) and scales[0] != 0
 
 
 def test_reference_recipe_uses_the_reference_hyperparameters(tmp_path, case, base):
