@@ -17,8 +17,9 @@
 # 17.5 steps/s alone and 17.5 each with 3 at once, 13.8 each with 6; mask generator 35 steps/s;
 # segmenter with augmentation ~20 steps/s; sampling 2-4 s per candidate with 6 at once), so one
 # subset needs ~14 min: cut --train-steps/--samples/--seg-epochs, or split it over two calls on one
-# warm machine (carry nothing the second time, so .busi stays): evaluate keeps finished units and an
-# interrupted fine-tune continues from its last checkpoint (`run --resume`); sampling starts again.
+# warm machine (carry .busi again the second time: on 2026-11-28 a call that carried nothing found
+# no .busi on the warm machine): evaluate keeps finished units and an interrupted fine-tune
+# continues from its last checkpoint (`run --resume`); sampling starts again.
 #
 # Measured 2026-11-27 on a lent H200, generation only (the README's native-scale row):
 #   GENERATE_ONLY=1 RUN_ARGS="--resolution 64 --pretrain-steps 500 --train-steps 1300 --train-minutes 2.5
@@ -28,6 +29,9 @@
 # fold segmenters and 80 candidates); 38 s more for the machine's start and the transfers. Then on
 # the workstation: untar OUT/seed_S.tgz into .busi/run/, copy OUT/report.tgz's settings.json there,
 # and run bench/evaluate_busi.py --work .busi --arms real_only,real_plus_synthetic --run-args "SAME".
+# Measured 2026-11-28 on a lent H200, the default RUN_ARGS (keep): GENERATE_ONLY=1 bash
+# bench/gpu_busi.sh 7 530, then FIRST=7 ... 7 390 on the same warm machine: 7 generations at once in
+# 326 s (280-299 s each), then 7 more in 315 s; 14 subsets in 12.3 min of device time with the start.
 set -u
 SUBSETS=${1:-6}
 LIMIT=${2:-400}

@@ -7,7 +7,9 @@ subset is its seed, which must occur in one folder only. Prints, per
 subset, the test and validation Dice of both arms, then the delta's mean +- sd, its paired t-test
 and how many subsets gained (the validation delta is what a setting is judged on; test is only
 reported). With --versus, two generators are compared on the subsets both hold (same real-only
-arm): the synthetic arm of FOLDERS minus that of the --versus folders.
+arm): the synthetic arm of FOLDERS minus that of the --versus folders. Where arms have several
+repeats (--seg-repeats), it also prints how far one segmenter seed lies from its subset's mean;
+--repeats N pools only the first N.
 
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1p /tmp/busi_eval/run_v1p2 \\
@@ -28,18 +30,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MedDiffFTLib.evaluate import combine_repeats  # noqa: E402
 
 
-def arm_scores(folders: list[Path], arm: str) -> dict[int, tuple[float, float]]:
-    """Per subset (seed): (test Dice, best validation Dice) of ``arm``, over its repeats."""
-    scores: dict[int, tuple[float, float]] = {}
+def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> dict[int, dict]:
+    """Per subset (seed): ``arm``'s result over its first ``repeats`` repeats (all when None), as
+    evaluate combines them (test Dice ``dice_mean``, ``best_val_dice``, each repeat's Dice)."""
+    results: dict[int, dict] = {}
     for folder in folders:
         for record in sorted(folder.glob(f"seed_*/{arm}.json")):
             seed = int(record.parent.name.removeprefix("seed_"))
-            if seed in scores:
+            if seed in results:
                 raise SystemExit(f"subset {seed} occurs twice (in {record.parent}): pass each subset once")
-            repeats = [record, *sorted(record.parent.glob(f"{arm}.repeat*.json"))]
-            combined = combine_repeats([json.loads(path.read_text()) for path in repeats])
-            scores[seed] = (combined["dice_mean"], combined["best_val_dice"])
-    return scores
+            found = [record, *sorted(record.parent.glob(f"{arm}.repeat*.json"),
+                                     key=lambda path: int(path.stem.rsplit("repeat", 1)[1]))]
+            results[seed] = combine_repeats([json.loads(path.read_text()) for path in found[:repeats]])
+    return results
+
+
+def arm_scores(folders: list[Path], arm: str, repeats: int | None = None) -> dict[int, tuple[float, float]]:
+    """Per subset (seed): (test Dice, best validation Dice) of ``arm``."""
+    return {seed: (r["dice_mean"], r["best_val_dice"]) for seed, r in arm_results(folders, arm, repeats).items()}
+
+
+def seed_noise(folders: list[Path], arm: str) -> None:
+    """How far one segmenter's test Dice lies from its subset's mean over repeats (pooled sd), on
+    the subsets with several repeats: the noise a single-repeat delta carries per arm."""
+    spread = [r["repeats"] for r in arm_results(folders, arm).values() if len(r["repeats"]) > 1]
+    if spread:
+        pooled = np.sqrt(np.mean([np.var(d, ddof=1) for d in spread])) * 100
+        print(f"{arm}, one segmenter seed around its subset's mean: sd {pooled:.2f} points "
+              f"({len(spread)} subset(s) with {min(map(len, spread))}+ repeats)")
 
 
 def describe(name: str, deltas: dict[int, tuple[float, float]]) -> None:
@@ -55,19 +73,23 @@ def main() -> None:
     parser.add_argument("folders", type=Path, nargs="+", help="evaluation folders")
     parser.add_argument("--versus", type=Path, nargs="+", help="another generator's folders, same subsets")
     parser.add_argument("--arm", default="real_plus_synthetic")
+    parser.add_argument("--repeats", type=int, help="average only each arm's first N segmenter repeats "
+                                                     "(default: all in the folders)")
     args = parser.parse_args()
-    real, extra = arm_scores(args.folders, "real_only"), arm_scores(args.folders, args.arm)
+    real, extra = arm_scores(args.folders, "real_only", args.repeats), arm_scores(args.folders, args.arm, args.repeats)
     seeds = sorted(set(real) & set(extra))
     print("subset  real only (test, val)  with synthetic (test, val)  delta test, val (points)")
     for seed in seeds:
         (rt, rv), (et, ev) = real[seed], extra[seed]
         print(f"{seed:6d}  {rt:.3f} {rv:.3f}            {et:.3f} {ev:.3f}                  "
               f"{(et - rt) * 100:+.1f} {(ev - rv) * 100:+.1f}")
+    for arm in ("real_only", args.arm):
+        seed_noise(args.folders, arm)
     real_test = np.array([real[s][0] for s in seeds])
     print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
     describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
     if args.versus:
-        other = arm_scores(args.versus, args.arm)
+        other = arm_scores(args.versus, args.arm, args.repeats)
         shared = [s for s in seeds if s in other]
         describe(f"{args.arm}: these folders - --versus", {s: tuple(np.subtract(extra[s], other[s])) for s in shared})
 
