@@ -45,19 +45,19 @@ def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> di
     return results
 
 
-def arm_scores(folders: list[Path], arm: str, repeats: int | None = None) -> dict[int, tuple[float, float]]:
-    """Per subset (seed): (test Dice, best validation Dice) of ``arm``."""
-    return {seed: (r["dice_mean"], r["best_val_dice"]) for seed, r in arm_results(folders, arm, repeats).items()}
+def scores(results: dict[int, dict]) -> dict[int, tuple[float, float]]:
+    """Per subset: (test Dice, best validation Dice)."""
+    return {seed: (r["dice_mean"], r["best_val_dice"]) for seed, r in results.items()}
 
 
-def seed_noise(folders: list[Path], arm: str) -> None:
-    """How far one segmenter's test Dice lies from its subset's mean over repeats (pooled sd), on
-    the subsets with several repeats: the noise a single-repeat delta carries per arm."""
-    spread = [r["repeats"] for r in arm_results(folders, arm).values() if len(r["repeats"]) > 1]
-    if spread:
-        pooled = np.sqrt(np.mean([np.var(d, ddof=1) for d in spread])) * 100
-        print(f"{arm}, one segmenter seed around its subset's mean: sd {pooled:.2f} points "
-              f"({len(spread)} subset(s) with {min(map(len, spread))}+ repeats)")
+def seed_noise(name: str, runs: list[np.ndarray]) -> None:
+    """How far one segmenter seed's result lies from its subset's mean over repeats (pooled sd over
+    the subsets with several repeats): the noise a single-repeat figure carries."""
+    runs = [r for r in runs if len(r) > 1]
+    if runs:
+        pooled = np.sqrt(np.mean([np.var(r, ddof=1) for r in runs])) * 100
+        print(f"{name}, one segmenter seed around its subset's mean: sd {pooled:.2f} points "
+              f"({len(runs)} subset(s) with {min(map(len, runs))}+ repeats)")
 
 
 def describe(name: str, deltas: dict[int, tuple[float, float]]) -> None:
@@ -76,20 +76,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="average only each arm's first N segmenter repeats "
                                                      "(default: all in the folders)")
     args = parser.parse_args()
-    real, extra = arm_scores(args.folders, "real_only", args.repeats), arm_scores(args.folders, args.arm, args.repeats)
+    results = {arm: arm_results(args.folders, arm, args.repeats) for arm in ("real_only", args.arm)}
+    real, extra = (scores(results[arm]) for arm in ("real_only", args.arm))
     seeds = sorted(set(real) & set(extra))
     print("subset  real only (test, val)  with synthetic (test, val)  delta test, val (points)")
     for seed in seeds:
         (rt, rv), (et, ev) = real[seed], extra[seed]
         print(f"{seed:6d}  {rt:.3f} {rv:.3f}            {et:.3f} {ev:.3f}                  "
               f"{(et - rt) * 100:+.1f} {(ev - rv) * 100:+.1f}")
-    for arm in ("real_only", args.arm):
-        seed_noise(args.folders, arm)
+    repeats = {arm: {seed: np.array(r["repeats"]) for seed, r in found.items()} for arm, found in results.items()}
+    for arm, runs in repeats.items():
+        seed_noise(arm, list(runs.values()))
+    paired = [(repeats[args.arm][s], repeats["real_only"][s]) for s in seeds]
+    seed_noise("delta", [e[:len(r)] - r[:len(e)] for e, r in paired])  # repeat r of both arms shares its seed
     real_test = np.array([real[s][0] for s in seeds])
     print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
     describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
     if args.versus:
-        other = arm_scores(args.versus, args.arm, args.repeats)
+        other = scores(arm_results(args.versus, args.arm, args.repeats))
         shared = [s for s in seeds if s in other]
         describe(f"{args.arm}: these folders - --versus", {s: tuple(np.subtract(extra[s], other[s])) for s in shared})
 
