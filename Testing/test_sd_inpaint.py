@@ -141,7 +141,10 @@ def test_resumed_lora_run_ends_with_the_same_adapter(tmp_path, case, base, preci
         full, resumed = (load_file(str(tmp_path / run / name)) for run in ("full", "resumed"))
         assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
     scales = [card(tmp_path / run)["training"]["loss_scale"] for run in ("full", "resumed")]
-    assert scales == ([None, None] if precision == "bf16" else [scales[0], scales[0]]) and scales[0] != 0
+    if precision == "bf16":
+        assert scales == [None, None]
+    else:  # the scaler ran (a disabled one has scale 1) and the resumed run ends with the same scale
+        assert scales[0] == scales[1] > 1.0
 
 
 def test_reference_recipe_uses_the_reference_hyperparameters(tmp_path, case, base):
