@@ -19,6 +19,7 @@ repeats (--seg-repeats), it also prints how far one segmenter seed lies from its
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MedDiffFTLib.evaluate import combine_repeats  # noqa: E402
+from MedDiffFTLib.evaluate import combine_repeats, unit_name  # noqa: E402
 
 
 def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> dict[int, dict]:
@@ -35,13 +36,17 @@ def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> di
     evaluate combines them (test Dice ``dice_mean``, ``best_val_dice``, each repeat's Dice)."""
     results: dict[int, dict] = {}
     for folder in folders:
-        for record in sorted(folder.glob(f"seed_*/{arm}.json")):
+        for record in sorted(folder.glob(f"seed_*/{unit_name(arm, 0)}.json")):
             seed = int(record.parent.name.removeprefix("seed_"))
             if seed in results:
                 raise SystemExit(f"subset {seed} occurs twice (in {record.parent}): pass each subset once")
-            found = [record, *sorted(record.parent.glob(f"{arm}.repeat*.json"),
-                                     key=lambda path: int(path.stem.rsplit("repeat", 1)[1]))]
-            results[seed] = combine_repeats([json.loads(path.read_text()) for path in found[:repeats]])
+            found = []
+            for repeat in itertools.count():
+                path = record.parent / f"{unit_name(arm, repeat)}.json"
+                if not path.is_file() or repeat == repeats:
+                    break
+                found.append(json.loads(path.read_text()))
+            results[seed] = combine_repeats(found)
     return results
 
 
