@@ -612,7 +612,7 @@ def _synthetic_metrics(seed_dir: Path, real, arms: dict, device) -> dict:
     synthetic, kept = generated_lesions(seed_dir / "generation", entries, real[0].shape[-1])
     found = predict(judge, synthetic[0]) & ~kept  # a kept real lesion is neither right nor wrong
     synthetic_dice = float(dice_per_image(found, synthetic[1].bool()).mean())
-    test_dice = arms["real_only"]["dice_mean"]
+    test_dice = arms["real_only"]["repeats"][0]  # the judge's own test Dice (repeat 0), not the repeats' mean
     real_lesions = (real[0][real[1].flatten(1).any(1)], real[1][real[1].flatten(1).any(1)])
     return {"synthetic_pairs": len(synthetic[0]),
             "faithfulness_dice": synthetic_dice,

@@ -128,18 +128,24 @@ def test_segmenter_repeats_average_their_dice_and_keep_the_first_repeat_s_record
     """--seg-repeats R trains each arm R times with their own segmenter seeds and averages the Dice;
     repeat 0 is the arm's plain record, so a folder from before repeats (or with fewer) is reused."""
     out = tmp_path / "run"
-    evaluate(split, out, "--arms", "real_only", "--seeds", "1")
-    single = json.loads((out / "report.json").read_text())["real_only"]["per_seed"][0]
+    evaluate(split, out, "--seeds", "1")
+    before = json.loads((out / "report.json").read_text())
+    single = before["real_only"]["per_seed"][0]
     trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
-    evaluate(split, out, "--arms", "real_only", "--seeds", "1", "--seg-repeats", "2")
+    evaluate(split, out, "--seeds", "1", "--seg-repeats", "2")
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained  # repeat 0 reused
     records = [json.loads((out / "seed_0" / name).read_text()) for name in ("real_only.json",
                                                                              "real_only.repeat1.json")]
     assert records[0]["history"]["loss"] != records[1]["history"]["loss"]  # another segmenter seed
-    row = json.loads((out / "report.json").read_text())["real_only"]["per_seed"][0]
+    report = json.loads((out / "report.json").read_text())
+    row = report["real_only"]["per_seed"][0]
     assert row["repeats"] == [single["dice"], records[1]["dice_mean"]] == [r["dice_mean"] for r in records]
     assert row["dice"] == pytest.approx(np.mean(row["repeats"]))
     assert row["best_step"] == single["best_step"]  # the first repeat's curves stand for the arm
+    assert len(report["real_plus_synthetic"]["per_seed"][0]["repeats"]) == 2
+    # faithfulness: the judge (repeat 0's real-only segmenter) on synthetic pairs over its own test Dice
+    assert report["faithfulness_ratio"] == before["faithfulness_ratio"] == pytest.approx(
+        report["per_seed_synthetic"][0]["faithfulness_dice"] / single["dice"])
     with pytest.raises(MedDiffFTError, match=r"--seeds, --synthetic-per-real, --seg-epochs and --seg-repeats "
                                              r"must be positive"):
         evaluate(split, out, "--seg-repeats", "0")
