@@ -344,6 +344,10 @@ def _add_evaluate(commands) -> None:
                           help="segmenter input side in px (default 128); the backbone's goes in --run-args")
     evaluate.add_argument("--synthetic-fraction", type=float, default=0.5,
                           help="share of each segmenter batch drawn from the extra pairs (default 0.5)")
+    evaluate.add_argument("--faithful-min-dice", type=float, default=0.0,
+                          help="train the synthetic arm only on the pairs whose generated lesion the real-only "
+                               "segmenter finds with at least this Dice (0-1; on BUSI it finds nothing in "
+                               "a quarter to two thirds of them); default 0: every pair the QA kept")
     _add_common(evaluate)
 
 
@@ -812,9 +816,9 @@ def command_evaluate(args, progress: Progress) -> dict:
                                 first_seed=args.seed, validation_cases=args.validation_cases,
                                 unlabeled_pool=args.unlabeled_pool == "on",
                                 arms=[arm.strip() for arm in args.arms.split(",") if arm.strip()],
-                                seg_epochs=args.seg_epochs, seg_repeats=args.seg_repeats, segmenter=segmenter,
-                                run_args=run_args,
-                                device=args.device)
+                                seg_epochs=args.seg_epochs, seg_repeats=args.seg_repeats,
+                                faithful_min_dice=args.faithful_min_dice, segmenter=segmenter,
+                                run_args=run_args, device=args.device)
     out = Path(args.out)
     report = evaluate(args.train, args.test, out, settings, progress=progress, overwrite=args.overwrite)
     return {"out": str(out), "report": str(out / "report.json"),

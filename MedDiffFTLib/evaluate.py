@@ -53,6 +53,7 @@ class EvaluateSettings:
     arms: list[str] = field(default_factory=lambda: ["real_only", "real_plus_synthetic"])
     seg_epochs: int = 1000        # passes over the K real cases' slices, at most
     seg_repeats: int = 1          # segmenters per arm and seed, each with its own seed; Dice averaged
+    faithful_min_dice: float = 0.0  # synthetic pairs the real-only segmenter finds at this Dice; 0 = all
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     run_args: list[str] = field(default_factory=list)  # forwarded to `meddiffft run`
     device: str = "auto"
@@ -252,21 +253,37 @@ def _read_pair(generation_dir: Path, entry: dict) -> tuple[Case, Case]:
     return sample, background
 
 
-def generated_lesions(generation_dir: Path, entries: list[dict], resolution: int) -> tuple[Pairs, torch.Tensor]:
-    """The synthetic pairs' slices that hold a generated lesion, with that lesion alone as mask, and
-    per slice the pixels of a real lesion the pair kept (``--old-lesion keep``): the synthetic-set
-    metrics judge what was generated, not the real lesion beside it (bool, (N, 1, R, R))."""
-    images, masks, kept = [], [], []
-    for entry in entries:
+def generated_lesions(generation_dir: Path, entries: list[dict], resolution: int
+                      ) -> tuple[Pairs, torch.Tensor, np.ndarray]:
+    """The synthetic pairs' slices that hold a generated lesion, with that lesion alone as mask, per
+    slice the pixels of a real lesion the pair kept (``--old-lesion keep``; bool, (N, 1, R, R)), and
+    per slice the index of its pair in ``entries``: the synthetic-set metrics judge what was
+    generated, not the real lesion beside it."""
+    images, masks, kept, owner = [], [], [], []
+    for index, entry in enumerate(entries):
         sample, background = _read_pair(generation_dir, entry)
         old = background.foreground if entry.get("old_lesion") == "keep" else np.zeros_like(sample.foreground)
         axis = choose_axis(sample.spacing, "auto", sample.is_2d)
         for plane, new, real in zip(slice_stack(sample.image, axis), slice_stack(sample.foreground & ~old, axis),
                                     slice_stack(old, axis)):
             if new.any():
-                images.append(plane), masks.append(new), kept.append(real)
+                images.append(plane), masks.append(new), kept.append(real), owner.append(index)
     return ((planes_to_tensor(images, resolution), planes_to_tensor(masks, resolution, is_mask=True)),
-            planes_to_tensor(kept, resolution, is_mask=True) > 0)
+            planes_to_tensor(kept, resolution, is_mask=True) > 0, np.asarray(owner, dtype=np.int64))
+
+
+def judged_dice(judge: torch.nn.Module, lesions: Pairs, kept: torch.Tensor) -> np.ndarray:
+    """Per slice, the real-only segmenter's Dice on the generated lesion (a kept real lesion is
+    neither right nor wrong): does the painted lesion look like one where its label says?"""
+    return dice_per_image(predict(judge, lesions[0]) & ~kept, lesions[1].bool())
+
+
+def faithful_pairs(dice: np.ndarray, owner: np.ndarray, count: int, min_dice: float) -> list[int]:
+    """Indices (of ``count`` pairs) whose generated lesion the judge finds with a Dice of at least
+    ``min_dice``, averaged over the pair's lesion slices; 0 keeps every pair."""
+    if min_dice <= 0:
+        return list(range(count))
+    return [i for i in range(count) if (owner == i).any() and dice[owner == i].mean() >= min_dice]
 
 
 def background_preservation(generation_dir: Path, entries: list[dict]) -> float | None:
@@ -511,6 +528,8 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError("--seeds, --synthetic-per-real, --seg-epochs and --seg-repeats must be positive.")
     if not 0.0 <= settings.segmenter.synthetic_fraction < 1.0:
         raise MedDiffFTError(f"--synthetic-fraction must be in [0, 1); got {settings.segmenter.synthetic_fraction}.")
+    if not 0.0 <= settings.faithful_min_dice <= 1.0:
+        raise MedDiffFTError(f"--faithful-min-dice must be in [0, 1]; got {settings.faithful_min_dice}.")
     batch_shares(settings.segmenter)
     split = read_split(train_csv, test_csv, settings)
     device = resolve_device(settings.device)
@@ -564,13 +583,11 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                 timings["generation"] = {k: v for k, v in recorded.items() if k != "key"}
                 timings["generation"]["seconds_per_kept_sample"] = (
                     round(timings["generation"]["seconds"] / len(entries), 2) if entries else None)
-                pairs = [case_tensors(read_case(str(generation_dir / e["image"]), str(generation_dir / e["label"])),
-                                      resolution, lesion_slices_only=True) for e in entries]
-                if not pairs:
+                if not entries:
                     raise MedDiffFTError(f"The generation for seed {seed} kept no samples "
                                          f"({generation_dir / 'manifest.json'}); loosen the QA options "
                                          "in --run-args.")
-                extra["synthetic"] = _stack(pairs, resolution)
+                lesions, kept, owner = generated_lesions(generation_dir, entries, resolution)
             if "real_plus_copy_paste" in settings.arms:
                 quality = _run_quality(seed_dir / "generation" / "model", device) if needs_generation else None
                 pasted, qa_scores = copy_paste_cases([read_case(image, label) for image, label in rows["labeled"]],
@@ -579,9 +596,23 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                               for case in pasted], resolution)
                 qa_summary["copy_paste_qa"] = ({"kept": len(pasted), "candidates": len(qa_scores)}
                                                if quality is not None else None)
-            arms = {}
-            for arm in settings.arms:
+            arms, metrics = {}, {}
+            for arm in sorted(settings.arms, key=lambda name: name != "real_only"):  # real_only judges the pairs
                 pairs_name = ARMS[arm][1]
+                if pairs_name == "synthetic":
+                    judge = _load_segmenter(seed_dir / "real_only.safetensors", device)
+                    dice = judged_dice(judge, lesions, kept)
+                    used = faithful_pairs(dice, owner, len(entries), settings.faithful_min_dice)
+                    if not used:
+                        raise MedDiffFTError(f"No synthetic pair of seed {seed} reaches --faithful-min-dice "
+                                             f"{settings.faithful_min_dice} (the real-only segmenter's best Dice "
+                                             f"on one is {dice.max():.2f}); lower it.")
+                    extra["synthetic"] = _stack([case_tensors(read_case(str(generation_dir / entries[i]["image"]),
+                                                                        str(generation_dir / entries[i]["label"])),
+                                                              resolution, lesion_slices_only=True) for i in used],
+                                                resolution)
+                    metrics = {**_synthetic_metrics(generation_dir, entries, lesions, dice, real, judge, arms),
+                               "synthetic_pairs_used": len(used)}
                 budget = arm_steps(steps, settings.segmenter, pairs_name is not None)
                 segmenter = asdict(settings.segmenter)
                 if pairs_name is None:  # unused without extra pairs: another fraction keeps this arm's result
@@ -590,6 +621,8 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                        "segmenter": segmenter, "validation_cases": settings.validation_cases,
                        "train": record["train"], "test": record["test"], "k": settings.k,
                        **({"generation": generation_key} if pairs_name == "synthetic" else {}),
+                       **({"faithful_min_dice": settings.faithful_min_dice}
+                          if pairs_name == "synthetic" and settings.faithful_min_dice > 0 else {}),
                        **({"qa_from_generation": generation_key if qa_summary["copy_paste_qa"] else None}
                           if pairs_name == "copy_paste" else {}),
                        **({"synthetic_per_real": settings.synthetic_per_real} if pairs_name else {})}
@@ -597,30 +630,26 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                        device, bar)
                 timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
             grid = grid or (real, extra.get("synthetic"))
-            per_seed[seed] = {"arms": arms, "timings": timings, **qa_summary,
-                              **(_synthetic_metrics(seed_dir, real, arms, device) if "synthetic" in extra else {})}
+            per_seed[seed] = {"arms": {arm: arms[arm] for arm in settings.arms}, "timings": timings, **qa_summary,
+                              **metrics}
     report = build_report(per_seed, settings, record, split, unlabeled_on, time.monotonic() - started)
     write_report(out, report, per_seed, *grid)
     return report
 
 
-def _synthetic_metrics(seed_dir: Path, real, arms: dict, device) -> dict:
-    """Faithfulness, realism (FRD, KID), memorization and background preservation of a seed's
-    generated lesions."""
-    judge = _load_segmenter(seed_dir / "real_only.safetensors", device)
-    entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
-    synthetic, kept = generated_lesions(seed_dir / "generation", entries, real[0].shape[-1])
-    found = predict(judge, synthetic[0]) & ~kept  # a kept real lesion is neither right nor wrong
-    synthetic_dice = float(dice_per_image(found, synthetic[1].bool()).mean())
+def _synthetic_metrics(generation_dir: Path, entries: list[dict], lesions: Pairs, dice: np.ndarray, real,
+                       judge: torch.nn.Module, arms: dict) -> dict:
+    """Faithfulness, realism (FRD, KID), memorization and background preservation of all of a
+    seed's generated lesions (``dice``: the judge's, per slice)."""
     test_dice = arms["real_only"]["repeats"][0]  # the judge's own test Dice (repeat 0), not the repeats' mean
     real_lesions = (real[0][real[1].flatten(1).any(1)], real[1][real[1].flatten(1).any(1)])
-    return {"synthetic_pairs": len(synthetic[0]),
-            "faithfulness_dice": synthetic_dice,
-            "faithfulness_ratio": synthetic_dice / test_dice if test_dice > 0 else None,
-            "frd": frechet_distance(lesion_radiomics(*real_lesions), lesion_radiomics(*synthetic)),
-            "kid": kid(encoder_features(judge, *real_lesions), encoder_features(judge, *synthetic)),
-            "memorization_rate": memorization_rate(synthetic, real_lesions),
-            "background_preservation": background_preservation(seed_dir / "generation", entries)}
+    return {"synthetic_pairs": len(entries),
+            "faithfulness_dice": float(dice.mean()),
+            "faithfulness_ratio": float(dice.mean()) / test_dice if test_dice > 0 else None,
+            "frd": frechet_distance(lesion_radiomics(*real_lesions), lesion_radiomics(*lesions)),
+            "kid": kid(encoder_features(judge, *real_lesions), encoder_features(judge, *lesions)),
+            "memorization_rate": memorization_rate(lesions, real_lesions),
+            "background_preservation": background_preservation(generation_dir, entries)}
 
 
 def _summary(values: list[float]) -> dict:
@@ -716,6 +745,10 @@ def report_markdown(report: dict, arms: list[str]) -> str:
     for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
         if key in report:
             lines.append(f"- {key}: {_number(report[key], 4)}")
+    if "real_plus_synthetic" in arms:
+        lines.append(f"- synthetic pairs the segmenter trained on (of those generated; --faithful-min-dice "
+                     f"{settings['faithful_min_dice']}): " + ", ".join(
+                         f"{row['synthetic_pairs_used']}/{row['synthetic_pairs']}" for row in report["per_seed_synthetic"]))
     if "real_plus_copy_paste" in arms:
         qa = [row.get("copy_paste_qa") for row in report["per_seed_synthetic"]]
         lines.append("- copy-paste pairs: " + ("through the generation's QA (memorization not judged), kept "

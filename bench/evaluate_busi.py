@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--seg-repeats", default="1",
                         help="segmenters per arm and subset, Dice averaged (the segmenter's seed alone moves "
                              "a subset's test Dice by ~2 points)")
+    parser.add_argument("--faithful-min-dice", default="0",
+                        help="synthetic arm: only pairs whose generated lesion the real-only segmenter finds "
+                             "at this Dice (0 = every pair the QA kept)")
     parser.add_argument("--seg-patience", default="0", help="validations without gain before stopping (0 = never)")
     parser.add_argument("--max-side", type=int, default=0, help="copy the cases shrunk to this many px a side")
     parser.add_argument("--prepare-only", action="store_true", help="write the split (and copies) and stop")
@@ -138,7 +141,7 @@ def main() -> None:
             "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
             "--unlabeled-pool", args.unlabeled_pool, "--device", args.device,
             "--synthetic-fraction", args.synthetic_fraction, "--seg-patience", args.seg_patience,
-            "--seg-repeats", args.seg_repeats]
+            "--seg-repeats", args.seg_repeats, "--faithful-min-dice", args.faithful_min_dice]
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
     started = time.monotonic()
     code = cli_main(argv)
