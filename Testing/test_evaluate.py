@@ -14,7 +14,8 @@ from conftest import COMMON, SHARED_DATA, TRAIN_TINY
 from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
-from MedDiffFTLib.evaluate import copy_paste_cases, generated_lesions, kid, memorization_rate
+from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
+                                   memorization_rate)
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -231,12 +232,71 @@ def test_synthetic_metrics_see_the_generated_lesion_not_a_kept_real_one(tmp_path
     Image.fromarray(new | old).save(tmp_path / "sample_label.png")
     entry = {"image": "sample.png", "label": "sample_label.png", "source_image": str(tmp_path / "case.png"),
              "source_label": str(tmp_path / "case_mask.png"), "background_image": str(tmp_path / "case.png")}
-    (images, masks), kept = generated_lesions(tmp_path, [{**entry, "old_lesion": "keep"}], 48)
-    assert images.shape == (1, 1, 48, 48)
+    (images, masks), kept, owner = generated_lesions(tmp_path, [{**entry, "old_lesion": "keep"}], 48)
+    assert images.shape == (1, 1, 48, 48) and owner.tolist() == [0]
     assert torch.equal(masks[0, 0] > 0, torch.from_numpy(new > 0))
     assert torch.equal(kept[0, 0], torch.from_numpy(old > 0))
-    (_, masks), kept = generated_lesions(tmp_path, [{**entry, "old_lesion": "heal"}], 48)  # all of it is new
+    (_, masks), kept, _ = generated_lesions(tmp_path, [{**entry, "old_lesion": "heal"}], 48)  # all of it is new
     assert torch.equal(masks[0, 0] > 0, torch.from_numpy((new | old) > 0)) and not kept.any()
+
+
+class _BrightJudge(torch.nn.Module):
+    """A stand-in segmenter that finds the pixels brighter than mid-grey."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, images):
+        return self.scale * (images - 0.5)
+
+
+def test_faithful_pairs_are_those_whose_generated_lesion_the_judge_finds():
+    """The judge's Dice is on the generated lesion only (a kept real lesion it finds or misses counts
+    for nothing), averaged over a pair's lesion slices; pairs below --faithful-min-dice are dropped."""
+    images, masks = torch.zeros(4, 1, 8, 8), torch.zeros(4, 1, 8, 8)
+    masks[:, :, 2:6, 2:6] = 1
+    images[0, :, 2:6, 2:6] = 1  # pair 0, slice 1: found
+    images[1, :, 2:6, 2:4] = 1  # pair 0, slice 2: half found (Dice 2/3)
+    images[3, :, 2:6, 2:6] = 1  # pair 2: found ...
+    kept = torch.zeros(4, 1, 8, 8, dtype=torch.bool)
+    kept[3, :, 6:8, 6:8] = True
+    images[3, :, 6:8, 6:8] = 1  # ... beside a kept real lesion the judge also finds (not a false positive)
+    images[2, :, 0:2, 0:2] = 1  # pair 1: the judge sees a lesion elsewhere only
+    dice = judged_dice(_BrightJudge(), (images, masks), kept)
+    assert dice == pytest.approx([1.0, 2 / 3, 0.0, 1.0])
+    owner = np.array([0, 0, 1, 2])
+    assert faithful_pairs(dice, owner, 4, 0.8) == [0, 2]  # pair 0's mean is 5/6; pair 3 has no lesion slice
+    assert faithful_pairs(dice, owner, 4, 0.9) == [2]
+    assert faithful_pairs(dice, owner, 4, 0.0) == [0, 1, 2, 3]  # 0: every pair the QA kept
+
+
+def test_faithful_min_dice_retrains_only_the_synthetic_arm_on_the_pairs_the_judge_finds(split, tmp_path):
+    from MedDiffFTLib.evaluate import _load_segmenter
+
+    out, seed_dir = tmp_path / "run", tmp_path / "run" / "seed_0"
+    evaluate(split, out, "--seeds", "1")
+    report = json.loads((out / "report.json").read_text())
+    assert report["per_seed_synthetic"][0]["synthetic_pairs_used"] == report["per_seed_synthetic"][0][
+        "synthetic_pairs"] == 2
+    assert "--faithful-min-dice 0.0): 2/2" in (out / "report.md").read_text()
+    trained = {arm: (seed_dir / f"{arm}.json").stat().st_mtime_ns for arm in ("real_only", "real_plus_synthetic")}
+    entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
+    lesions, kept, owner = generated_lesions(seed_dir / "generation", entries, 32)
+    dice = judged_dice(_load_segmenter(seed_dir / "real_only.safetensors", torch.device("cpu")), lesions, kept)
+    assert owner.tolist() == [0, 1] and dice[0] != dice[1]
+    evaluate(split, out, "--seeds", "1", "--faithful-min-dice", f"{dice.mean():.6f}")  # between the two pairs
+    report = json.loads((out / "report.json").read_text())
+    assert report["per_seed_synthetic"][0]["synthetic_pairs_used"] == 1
+    assert (seed_dir / "real_only.json").stat().st_mtime_ns == trained["real_only"]  # the judge is reused
+    assert (seed_dir / "real_plus_synthetic.json").stat().st_mtime_ns != trained["real_plus_synthetic"]
+    assert json.loads((seed_dir / "real_plus_synthetic.json").read_text())["key"]["faithful_min_dice"] == float(
+        f"{dice.mean():.6f}")
+    with pytest.raises(MedDiffFTError, match=r"No synthetic pair of seed 0 reaches --faithful-min-dice 1.0 \(the "
+                                             rf"real-only segmenter's best Dice on one is {dice.max():.2f}\); lower it"):
+        evaluate(split, out, "--seeds", "1", "--faithful-min-dice", "1")
+    with pytest.raises(MedDiffFTError, match=r"--faithful-min-dice must be in \[0, 1\]; got 1.5"):
+        evaluate(split, out, "--seeds", "1", "--faithful-min-dice", "1.5")
 
 
 @pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")
