@@ -606,7 +606,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                     if not used:
                         raise MedDiffFTError(f"No synthetic pair of seed {seed} reaches --faithful-min-dice "
                                              f"{settings.faithful_min_dice} (the real-only segmenter's best Dice "
-                                             f"on one is {dice.max():.2f}); lower it.")
+                                             f"on one is {dice.max(initial=0.0):.2f}); lower it.")
                     extra["synthetic"] = _stack([case_tensors(read_case(str(generation_dir / entries[i]["image"]),
                                                                         str(generation_dir / entries[i]["label"])),
                                                               resolution, lesion_slices_only=True) for i in used],
@@ -746,9 +746,9 @@ def report_markdown(report: dict, arms: list[str]) -> str:
         if key in report:
             lines.append(f"- {key}: {_number(report[key], 4)}")
     if "real_plus_synthetic" in arms:
+        used = [f"{row['synthetic_pairs_used']}/{row['synthetic_pairs']}" for row in report["per_seed_synthetic"]]
         lines.append(f"- synthetic pairs the segmenter trained on (of those generated; --faithful-min-dice "
-                     f"{settings['faithful_min_dice']}): " + ", ".join(
-                         f"{row['synthetic_pairs_used']}/{row['synthetic_pairs']}" for row in report["per_seed_synthetic"]))
+                     f"{settings['faithful_min_dice']}): {', '.join(used)}")
     if "real_plus_copy_paste" in arms:
         qa = [row.get("copy_paste_qa") for row in report["per_seed_synthetic"]]
         lines.append("- copy-paste pairs: " + ("through the generation's QA (memorization not judged), kept "

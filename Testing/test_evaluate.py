@@ -292,8 +292,9 @@ def test_faithful_min_dice_retrains_only_the_synthetic_arm_on_the_pairs_the_judg
     assert (seed_dir / "real_plus_synthetic.json").stat().st_mtime_ns != trained["real_plus_synthetic"]
     assert json.loads((seed_dir / "real_plus_synthetic.json").read_text())["key"]["faithful_min_dice"] == float(
         f"{dice.mean():.6f}")
-    with pytest.raises(MedDiffFTError, match=r"No synthetic pair of seed 0 reaches --faithful-min-dice 1.0 \(the "
-                                             rf"real-only segmenter's best Dice on one is {dice.max():.2f}\); lower it"):
+    with pytest.raises(MedDiffFTError, match=rf"No synthetic pair of seed 0 reaches --faithful-min-dice 1.0 \(the "
+                                             rf"real-only segmenter's best Dice on one is {dice.max():.2f}\); "
+                                             r"lower it"):
         evaluate(split, out, "--seeds", "1", "--faithful-min-dice", "1")
     with pytest.raises(MedDiffFTError, match=r"--faithful-min-dice must be in \[0, 1\]; got 1.5"):
         evaluate(split, out, "--seeds", "1", "--faithful-min-dice", "1.5")

@@ -141,7 +141,8 @@ def main() -> None:
             "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
             "--unlabeled-pool", args.unlabeled_pool, "--device", args.device,
             "--synthetic-fraction", args.synthetic_fraction, "--seg-patience", args.seg_patience,
-            "--seg-repeats", args.seg_repeats, "--faithful-min-dice", args.faithful_min_dice]
+            "--seg-repeats", args.seg_repeats,
+            "--faithful-min-dice", args.faithful_min_dice]
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
     started = time.monotonic()
     code = cli_main(argv)
