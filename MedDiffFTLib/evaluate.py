@@ -390,7 +390,8 @@ def _run_quality(model_dir: Path, device: torch.device) -> QualityFilter | None:
     return QualityFilter.load(model_dir, card, device) if "quality" in card else None
 
 
-def _load_segmenter(path: Path, device: torch.device) -> torch.nn.Module:
+def load_segmenter(path: Path, device: torch.device) -> torch.nn.Module:
+    """An arm's saved segmenter (safetensors), in eval mode on ``device``."""
     from safetensors.torch import load_file
 
     model = build_model()
@@ -600,7 +601,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
             for arm in sorted(settings.arms, key=lambda name: name != "real_only"):  # real_only judges the pairs
                 pairs_name = ARMS[arm][1]
                 if pairs_name == "synthetic":
-                    judge = _load_segmenter(seed_dir / "real_only.safetensors", device)
+                    judge = load_segmenter(seed_dir / "real_only.safetensors", device)
                     dice = judged_dice(judge, lesions, kept)
                     used = faithful_pairs(dice, owner, len(entries), settings.faithful_min_dice)
                     if not used:

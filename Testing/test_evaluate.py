@@ -15,7 +15,7 @@ from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
-                                   memorization_rate)
+                                   load_segmenter, memorization_rate)
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -272,8 +272,6 @@ def test_faithful_pairs_are_those_whose_generated_lesion_the_judge_finds():
 
 
 def test_faithful_min_dice_retrains_only_the_synthetic_arm_on_the_pairs_the_judge_finds(split, tmp_path):
-    from MedDiffFTLib.evaluate import _load_segmenter
-
     out, seed_dir = tmp_path / "run", tmp_path / "run" / "seed_0"
     evaluate(split, out, "--seeds", "1")
     report = json.loads((out / "report.json").read_text())
@@ -283,7 +281,7 @@ def test_faithful_min_dice_retrains_only_the_synthetic_arm_on_the_pairs_the_judg
     trained = {arm: (seed_dir / f"{arm}.json").stat().st_mtime_ns for arm in ("real_only", "real_plus_synthetic")}
     entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
     lesions, kept, owner = generated_lesions(seed_dir / "generation", entries, 32)
-    dice = judged_dice(_load_segmenter(seed_dir / "real_only.safetensors", torch.device("cpu")), lesions, kept)
+    dice = judged_dice(load_segmenter(seed_dir / "real_only.safetensors", torch.device("cpu")), lesions, kept)
     assert owner.tolist() == [0, 1] and dice[0] != dice[1]
     evaluate(split, out, "--seeds", "1", "--faithful-min-dice", f"{dice.mean():.6f}")  # between the two pairs
     report = json.loads((out / "report.json").read_text())

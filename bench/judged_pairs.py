@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedDiffFTLib.evaluate import _load_segmenter, faithful_pairs, generated_lesions, judged_dice  # noqa: E402
+from MedDiffFTLib.evaluate import faithful_pairs, generated_lesions, judged_dice, load_segmenter  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
             continue
         entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
         lesions, kept, owner = generated_lesions(seed_dir / "generation", entries, args.resolution)
-        dice = judged_dice(_load_segmenter(seed_dir / "real_only.safetensors", torch.device("cpu")), lesions, kept)
+        dice = judged_dice(load_segmenter(seed_dir / "real_only.safetensors", torch.device("cpu")), lesions, kept)
         per_pair = np.array([dice[owner == i].mean() for i in range(len(entries))])
         qa = np.array([e["qa"]["faithfulness_dice"] if e.get("qa", {}).get("faithfulness_dice") is not None
                        else np.nan for e in entries])
