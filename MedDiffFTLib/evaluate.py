@@ -278,12 +278,15 @@ def judged_dice(judge: torch.nn.Module, lesions: Pairs, kept: torch.Tensor) -> n
     return dice_per_image(predict(judge, lesions[0]) & ~kept, lesions[1].bool())
 
 
-def faithful_pairs(dice: np.ndarray, owner: np.ndarray, count: int, min_dice: float) -> list[int]:
-    """Indices (of ``count`` pairs) whose generated lesion the judge finds with a Dice of at least
-    ``min_dice``, averaged over the pair's lesion slices; 0 keeps every pair."""
-    if min_dice <= 0:
-        return list(range(count))
-    return [i for i in range(count) if (owner == i).any() and dice[owner == i].mean() >= min_dice]
+def pair_dice(dice: np.ndarray, owner: np.ndarray, count: int) -> np.ndarray:
+    """Per pair (of ``count``), the mean of its lesion slices' ``dice``; NaN for a pair without one."""
+    return np.array([dice[owner == i].mean() if (owner == i).any() else np.nan for i in range(count)])
+
+
+def faithful_pairs(per_pair: np.ndarray, min_dice: float) -> list[int]:
+    """Indices of the pairs whose generated lesion the judge finds with a Dice (``pair_dice``) of at
+    least ``min_dice``; 0 keeps every pair."""
+    return [i for i, value in enumerate(per_pair) if min_dice <= 0 or value >= min_dice]
 
 
 def background_preservation(generation_dir: Path, entries: list[dict]) -> float | None:
@@ -603,7 +606,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                 if pairs_name == "synthetic":
                     judge = load_segmenter(seed_dir / "real_only.safetensors", device)
                     dice = judged_dice(judge, lesions, kept)
-                    used = faithful_pairs(dice, owner, len(entries), settings.faithful_min_dice)
+                    used = faithful_pairs(pair_dice(dice, owner, len(entries)), settings.faithful_min_dice)
                     if not used:
                         raise MedDiffFTError(f"No synthetic pair of seed {seed} reaches --faithful-min-dice "
                                              f"{settings.faithful_min_dice} (the real-only segmenter's best Dice "

@@ -15,7 +15,7 @@ from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
-                                   load_segmenter, memorization_rate)
+                                   load_segmenter, memorization_rate, pair_dice)
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -265,10 +265,11 @@ def test_faithful_pairs_are_those_whose_generated_lesion_the_judge_finds():
     images[2, :, 0:2, 0:2] = 1  # pair 1: the judge sees a lesion elsewhere only
     dice = judged_dice(_BrightJudge(), (images, masks), kept)
     assert dice == pytest.approx([1.0, 2 / 3, 0.0, 1.0])
-    owner = np.array([0, 0, 1, 2])
-    assert faithful_pairs(dice, owner, 4, 0.8) == [0, 2]  # pair 0's mean is 5/6; pair 3 has no lesion slice
-    assert faithful_pairs(dice, owner, 4, 0.9) == [2]
-    assert faithful_pairs(dice, owner, 4, 0.0) == [0, 1, 2, 3]  # 0: every pair the QA kept
+    per_pair = pair_dice(dice, np.array([0, 0, 1, 2]), 4)
+    assert per_pair[:3] == pytest.approx([5 / 6, 0.0, 1.0]) and np.isnan(per_pair[3])  # pair 3: no lesion slice
+    assert faithful_pairs(per_pair, 0.8) == [0, 2]
+    assert faithful_pairs(per_pair, 0.9) == [2]
+    assert faithful_pairs(per_pair, 0.0) == [0, 1, 2, 3]  # 0: every pair the QA kept
 
 
 def test_faithful_min_dice_retrains_only_the_synthetic_arm_on_the_pairs_the_judge_finds(split, tmp_path):

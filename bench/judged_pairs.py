@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from MedDiffFTLib.evaluate import faithful_pairs, generated_lesions, judged_dice, load_segmenter  # noqa: E402
+from MedDiffFTLib.evaluate import (faithful_pairs, generated_lesions, judged_dice, load_segmenter,  # noqa: E402
+                                   pair_dice)
 
 
 def main() -> None:
@@ -36,13 +37,13 @@ def main() -> None:
         entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
         lesions, kept, owner = generated_lesions(seed_dir / "generation", entries, args.resolution)
         dice = judged_dice(load_segmenter(seed_dir / "real_only.safetensors", torch.device("cpu")), lesions, kept)
-        per_pair = np.array([dice[owner == i].mean() for i in range(len(entries))])
+        per_pair = pair_dice(dice, owner, len(entries))
         qa = np.array([e["qa"]["faithfulness_dice"] if e.get("qa", {}).get("faithfulness_dice") is not None
                        else np.nan for e in entries])
-        both = np.isfinite(qa)
+        both = np.isfinite(qa) & np.isfinite(per_pair)
         corr = np.corrcoef(qa[both], per_pair[both])[0, 1] if both.sum() > 2 else float("nan")
-        quartiles = " ".join(f"{q:.2f}" for q in np.percentile(per_pair, [10, 25, 50, 75, 90]))
-        used = len(faithful_pairs(dice, owner, len(entries), args.min_dice))
+        quartiles = " ".join(f"{q:.2f}" for q in np.nanpercentile(per_pair, [10, 25, 50, 75, 90]))
+        used = len(faithful_pairs(per_pair, args.min_dice))
         print(f"{seed_dir.name.split('_')[1]:>6}  {len(entries):>5}  {quartiles:>26}  "
               f"{(per_pair < 0.05).mean():>13.2f}  {corr:>8.2f}  {used}")
 
