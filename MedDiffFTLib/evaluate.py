@@ -31,7 +31,7 @@ from .masks import dilate
 from .outputs import partial_dir, write_json
 from .progress import Progress
 from .quality import QualityFilter
-from .segmenter import (SegmenterSettings, batch_shares, build_model, dice_per_image, encoder_features,
+from .segmenter import (AUGMENTATION_RECIPE, SegmenterSettings, batch_shares, build_model, dice_per_image, encoder_features,
                         hd95_per_image, planes_to_tensor, predict, train_segmenter)
 from .slicing import choose_axis, slice_stack, to_channels
 
@@ -623,6 +623,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                     del segmenter["synthetic_fraction"]
                 key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
                        "segmenter": segmenter, "validation_cases": settings.validation_cases,
+                       **({"augmentation_recipe": AUGMENTATION_RECIPE} if ARMS[arm][0] == "strong" else {}),
                        "train": record["train"], "test": record["test"], "k": settings.k,
                        **({"generation": generation_key} if pairs_name == "synthetic" else {}),
                        **({"faithful_min_dice": settings.faithful_min_dice}
