@@ -1,0 +1,118 @@
+"""The segmenter's batched augmentation (`segmenter.augment`) against the per-sample MONAI transforms
+it replaced (same probabilities and ranges; kept here as the baseline): real-only BUSI segmenters
+trained through `meddiffft evaluate` (bench/evaluate_busi.py's protocol: K=20, 20 validation cases,
+60 test cases, 64 px, 1000 epochs) on the same subsets and segmenter seeds with each augmentation.
+Prints per subset the test and best-validation Dice and the seconds per segmenter, then the paired
+difference (batched - MONAI) and the speed ratio.
+
+On 2 cores, one process per augmentation at once (each single-threaded), then the comparison:
+  OMP_NUM_THREADS=1 .venv/bin/python bench/segmenter_augmentation.py --work .busi --augmentation batched &
+  OMP_NUM_THREADS=1 .venv/bin/python bench/segmenter_augmentation.py --work .busi --augmentation monai &
+  wait; .venv/bin/python bench/segmenter_augmentation.py --work .busi --compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from MedDiffFTLib import segmenter  # noqa: E402
+from MedDiffFTLib.evaluate import combine_repeats, unit_name  # noqa: E402
+
+
+def monai_per_sample():
+    """segmenter.augment's signature over MONAI's dict transforms, one sample per call (the
+    library's augmentation before it was batched), seeded from the caller's generator."""
+    from monai.transforms import (Compose, Rand2DElasticd, RandAdjustContrastd, RandAffined, RandFlipd,
+                                  RandGaussianNoised, RandGaussianSmoothd, RandScaleIntensityd)
+    from monai.utils import convert_to_tensor
+
+    keys, modes = ("image", "mask"), ("bilinear", "nearest")
+    transform = Compose([
+        RandAffined(keys, prob=0.2, rotate_range=np.pi, scale_range=(0.3, 0.3), mode=modes, padding_mode="zeros"),
+        Rand2DElasticd(keys, spacing=(16, 16), magnitude_range=(0.5, 1.5), prob=0.2, mode=modes,
+                       padding_mode="zeros"),
+        RandGaussianNoised("image", prob=0.1, std=0.1),
+        RandGaussianSmoothd("image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0)),
+        RandScaleIntensityd("image", factors=0.25, prob=0.15),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+    ])
+
+    def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
+        transform.set_random_state(seed=int(torch.randint(2**31, (1,), generator=generator)))
+        pairs = [transform({"image": i, "mask": m}) for i, m in zip(images.cpu(), masks.cpu())]
+        out_images = torch.stack([convert_to_tensor(p["image"], dtype=torch.float32, track_meta=False) for p in pairs])
+        out_masks = torch.stack([convert_to_tensor(p["mask"], track_meta=False) > 0.5 for p in pairs]).float()
+        return out_images.to(images.device), out_masks.to(images.device)
+
+    return augment
+
+
+def real_only(folder: Path) -> dict[int, dict]:
+    """Per subset: the real-only arm's repeats combined as evaluate does, plus seconds per repeat."""
+    found = {}
+    for record in sorted(folder.glob(f"seed_*/{unit_name('real_only', 0)}.json")):
+        repeats, repeat = [], 0
+        while (path := record.parent / f"{unit_name('real_only', repeat)}.json").is_file():
+            repeats.append(json.loads(path.read_text()))
+            repeat += 1
+        combined = combine_repeats(repeats)
+        combined["seconds"] = float(np.mean([r["seconds"] for r in repeats]))
+        found[int(record.parent.name.removeprefix("seed_"))] = combined
+    return found
+
+
+def compare(work: Path) -> None:
+    batched, reference = real_only(work / "run_aug_batched"), real_only(work / "run_aug_monai")
+    seeds = sorted(set(batched) & set(reference))
+    if not seeds:
+        raise SystemExit(f"no subset finished with both augmentations under {work}")
+    print("subset  batched test, val, s/segmenter   MONAI test, val, s/segmenter")
+    for seed in seeds:
+        b, m = batched[seed], reference[seed]
+        print(f"{seed:6d}  {b['dice_mean']:.3f} {b['best_val_dice']:.3f} {b['seconds']:7.0f}"
+              f"          {m['dice_mean']:.3f} {m['best_val_dice']:.3f} {m['seconds']:7.0f}")
+    for name, field in (("test", "dice_mean"), ("validation", "best_val_dice")):
+        delta = np.array([batched[s][field] - reference[s][field] for s in seeds]) * 100
+        p_value = stats.ttest_1samp(delta, 0.0).pvalue if len(delta) > 1 else float("nan")
+        print(f"{name} Dice, batched - MONAI: {delta.mean():+.2f} +- {delta.std(ddof=1) if len(delta) > 1 else 0:.2f} "
+              f"points over {len(delta)} subsets (paired t p = {p_value:.3f})")
+    ratio = np.array([reference[s]["seconds"] / batched[s]["seconds"] for s in seeds])
+    print(f"seconds per segmenter (training, validation, test): MONAI / batched = {ratio.mean():.2f} "
+          f"(range {ratio.min():.2f}-{ratio.max():.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(".busi"), help="bench/evaluate_busi.py's WORK folder")
+    parser.add_argument("--augmentation", choices=("batched", "monai"))
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=8, help="subsets")
+    parser.add_argument("--seg-repeats", type=int, default=2)
+    parser.add_argument("--compare", action="store_true", help="print the comparison of finished subsets")
+    args = parser.parse_args()
+    if args.compare:
+        compare(args.work)
+        return
+    if args.augmentation is None:
+        parser.error("pass --augmentation batched|monai (or --compare)")
+    if args.augmentation == "monai":
+        segmenter.augment = monai_per_sample()
+    from evaluate_busi import main as evaluate_busi
+
+    evaluate_busi(["--work", str(args.work), "--run-dir", f"run_aug_{args.augmentation}", "--arms", "real_only",
+                   "--first-seed", str(args.first_seed), "--seeds", str(args.seeds),
+                   "--seg-repeats", str(args.seg_repeats)])
+
+
+if __name__ == "__main__":
+    main()
