@@ -92,7 +92,7 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
     assert again["delta_dice_mean"] == done["delta_dice_mean"]
 
 
-def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path):
+def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path, monkeypatch):
     out = tmp_path / "run"
     evaluate(split, out)
     first = json.loads((out / "report.json").read_text())
@@ -119,6 +119,11 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path):
     evaluate(split, out, "--synthetic-fraction", "0.4")  # only the mixed arm uses the fraction
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained
     assert (out / "seed_0" / "real_plus_synthetic.json").stat().st_mtime_ns != mixed
+    with monkeypatch.context() as patch:  # segmenters trained with another augmentation recipe are not reused
+        patch.setattr("MedDiffFTLib.evaluate.AUGMENTATION_RECIPE", -1)
+        evaluate(split, out, "--synthetic-fraction", "0.4")
+    assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
+    trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
     evaluate(split, out, "--seg-epochs", "3")  # new segmenter inputs: the arms are redone, not the generation
     assert (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns == generated
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
