@@ -15,7 +15,8 @@
 # Measured 2026-11-27 on a lent H100 (6 subsets at once, RUN_ARGS below, 400 s each): no subset got
 # past sampling. Every stage is CPU-bound per process (bench/gpu_stage_speeds.sh, H200: backbone
 # 17.5 steps/s alone and 17.5 each with 3 at once, 13.8 each with 6; mask generator 35 steps/s;
-# segmenter with augmentation ~20 steps/s; sampling 2-4 s per candidate with 6 at once), so one
+# segmenter with augmentation ~20 steps/s, likely held by MONAI's per-sample transforms, batched since
+# 2026-12 and not yet timed on a GPU; sampling 2-4 s per candidate with 6 at once), so one
 # subset needs ~14 min: cut --train-steps/--samples/--seg-epochs, or split it over two calls on one
 # warm machine (carry .busi again the second time: on 2026-11-28 a call that carried nothing found
 # no .busi on the warm machine): evaluate keeps finished units and an interrupted fine-tune

@@ -9,6 +9,8 @@ On 2 cores, one process per augmentation at once (each single-threaded), then th
   OMP_NUM_THREADS=1 .venv/bin/python bench/segmenter_augmentation.py --work .busi --augmentation batched &
   OMP_NUM_THREADS=1 .venv/bin/python bench/segmenter_augmentation.py --work .busi --augmentation monai &
   wait; .venv/bin/python bench/segmenter_augmentation.py --work .busi --compare
+The split of one training step (batch 8, 64 px, random data) between augmentation and the model:
+  OMP_NUM_THREADS=1 .venv/bin/python bench/segmenter_augmentation.py --step-times
 """
 
 from __future__ import annotations
@@ -91,6 +93,33 @@ def compare(work: Path) -> None:
           f"(range {ratio.min():.2f}-{ratio.max():.2f})")
 
 
+def step_times(steps: int = 200, resolution: int = 64, batch: int = 8) -> None:
+    """Milliseconds per training step for each augmentation and for the model's forward/backward."""
+    import time
+
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    images = torch.rand(batch, 1, resolution, resolution)
+    masks = (torch.rand(batch, 1, resolution, resolution) > 0.7).float()
+    model = segmenter.build_model()
+    optimizer, loss_fn = torch.optim.Adam(model.parameters(), 1e-3), DiceCELoss(sigmoid=True)
+
+    def model_step(*_):
+        optimizer.zero_grad()
+        loss_fn(model(images), masks).backward()
+        optimizer.step()
+
+    for name, step in (("per-sample MONAI augmentation", monai_per_sample()), ("batched augmentation",
+                       segmenter.augment), ("model forward + backward + Adam", model_step)):
+        generator = torch.Generator().manual_seed(0)
+        began = time.perf_counter()
+        for _ in range(steps):
+            step(images, masks, generator)
+        print(f"{name}: {(time.perf_counter() - began) * 1000 / steps:.1f} ms per step "
+              f"(batch {batch}, {resolution} px, {torch.get_num_threads()} thread(s))")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(".busi"), help="bench/evaluate_busi.py's WORK folder")
@@ -99,7 +128,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8, help="subsets")
     parser.add_argument("--seg-repeats", type=int, default=2)
     parser.add_argument("--compare", action="store_true", help="print the comparison of finished subsets")
+    parser.add_argument("--step-times", action="store_true", help="time one step's augmentation and model")
     args = parser.parse_args()
+    if args.step_times:
+        step_times()
+        return
     if args.compare:
         compare(args.work)
         return
