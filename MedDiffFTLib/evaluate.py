@@ -31,8 +31,8 @@ from .masks import dilate
 from .outputs import partial_dir, write_json
 from .progress import Progress
 from .quality import QualityFilter
-from .segmenter import (AUGMENTATION_RECIPE, SegmenterSettings, batch_shares, build_model, dice_per_image, encoder_features,
-                        hd95_per_image, planes_to_tensor, predict, train_segmenter)
+from .segmenter import (AUGMENTATION_RECIPE, SegmenterSettings, batch_shares, build_model, dice_per_image,
+                        encoder_features, hd95_per_image, planes_to_tensor, predict, train_segmenter)
 from .slicing import choose_axis, slice_stack, to_channels
 
 # arm name -> (augmentation, extra pairs mixed into each batch)

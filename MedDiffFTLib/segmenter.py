@@ -72,9 +72,10 @@ def build_model() -> torch.nn.Module:
                 strides=(2, 2, 2), num_res_units=1, norm="batch")
 
 
-# nnU-Net's default 2D augmentation (probabilities as nnU-Net's; the ranges MONAI's transforms used
-# here before), drawn for a whole batch at once: MONAI's transforms take one sample per call, which
-# made augmentation ~40 % of a CPU training step and the bottleneck on a GPU.
+# nnU-Net-like 2D augmentation (nnU-Net's probabilities; the ranges of the MONAI transforms used here
+# before, plus a mild elastic field), drawn for a whole batch at once: MONAI's transforms take one
+# sample per call, which made augmentation 43 % of a CPU training step
+# (bench/segmenter_augmentation.py --step-times).
 ROTATION_P, ROTATION = 0.2, math.pi          # angle ~ U(-pi, pi)
 SCALING_P, SCALING = 0.2, 0.3                # each axis' scale ~ 1 + U(-0.3, 0.3)
 ELASTIC_P, ELASTIC_SPACING, ELASTIC_PX = 0.2, 16, (0.5, 1.5)  # control-point offsets ~ N(0, 1) x U(0.5, 1.5) px
