@@ -16,17 +16,14 @@ The split of one training step (batch 8, 64 px, random data) between augmentatio
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MedDiffFTLib import segmenter  # noqa: E402
-from MedDiffFTLib.evaluate import combine_repeats, unit_name  # noqa: E402
 
 
 def monai_per_sample():
@@ -59,36 +56,26 @@ def monai_per_sample():
     return augment
 
 
-def real_only(folder: Path) -> dict[int, dict]:
-    """Per subset: the real-only arm's repeats combined as evaluate does, plus seconds per repeat."""
-    found = {}
-    for record in sorted(folder.glob(f"seed_*/{unit_name('real_only', 0)}.json")):
-        repeats, repeat = [], 0
-        while (path := record.parent / f"{unit_name('real_only', repeat)}.json").is_file():
-            repeats.append(json.loads(path.read_text()))
-            repeat += 1
-        combined = combine_repeats(repeats)
-        combined["seconds"] = float(np.mean([r["seconds"] for r in repeats]))
-        found[int(record.parent.name.removeprefix("seed_"))] = combined
-    return found
-
-
 def compare(work: Path) -> None:
-    batched, reference = real_only(work / "run_aug_batched"), real_only(work / "run_aug_monai")
+    from pool_subsets import arm_results, describe
+
+    batched, reference = (arm_results([work / f"run_aug_{name}"], "real_only") for name in ("batched", "monai"))
     seeds = sorted(set(batched) & set(reference))
     if not seeds:
         raise SystemExit(f"no subset finished with both augmentations under {work}")
+
+    def per_segmenter(result: dict) -> float:  # evaluate sums an arm's seconds over its repeats
+        return result["seconds"] / len(result["repeats"])
+
     print("subset  batched test, val, s/segmenter   MONAI test, val, s/segmenter")
     for seed in seeds:
         b, m = batched[seed], reference[seed]
-        print(f"{seed:6d}  {b['dice_mean']:.3f} {b['best_val_dice']:.3f} {b['seconds']:7.0f}"
-              f"          {m['dice_mean']:.3f} {m['best_val_dice']:.3f} {m['seconds']:7.0f}")
-    for name, field in (("test", "dice_mean"), ("validation", "best_val_dice")):
-        delta = np.array([batched[s][field] - reference[s][field] for s in seeds]) * 100
-        p_value = stats.ttest_1samp(delta, 0.0).pvalue if len(delta) > 1 else float("nan")
-        print(f"{name} Dice, batched - MONAI: {delta.mean():+.2f} +- {delta.std(ddof=1) if len(delta) > 1 else 0:.2f} "
-              f"points over {len(delta)} subsets (paired t p = {p_value:.3f})")
-    ratio = np.array([reference[s]["seconds"] / batched[s]["seconds"] for s in seeds])
+        print(f"{seed:6d}  {b['dice_mean']:.3f} {b['best_val_dice']:.3f} {per_segmenter(b):7.0f}"
+              f"          {m['dice_mean']:.3f} {m['best_val_dice']:.3f} {per_segmenter(m):7.0f}")
+    describe("Dice, batched - MONAI", {s: (batched[s]["dice_mean"] - reference[s]["dice_mean"],
+                                           batched[s]["best_val_dice"] - reference[s]["best_val_dice"])
+                                       for s in seeds})
+    ratio = np.array([per_segmenter(reference[s]) / per_segmenter(batched[s]) for s in seeds])
     print(f"seconds per segmenter (training, validation, test): MONAI / batched = {ratio.mean():.2f} "
           f"(range {ratio.min():.2f}-{ratio.max():.2f})")
 
