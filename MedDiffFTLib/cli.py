@@ -344,6 +344,10 @@ def _add_evaluate(commands) -> None:
                           help="segmenter input side in px (default 128); the backbone's goes in --run-args")
     evaluate.add_argument("--synthetic-fraction", type=float, default=0.5,
                           help="share of each segmenter batch drawn from the extra pairs (default 0.5)")
+    evaluate.add_argument("--synthetic-until", type=float, default=1.0,
+                          help="share of a mixed arm's steps, the first ones, that draw extra pairs; the "
+                               "rest train on the real cases alone, a synthetic-first curriculum (default "
+                               "1: mixed throughout; the arm keeps the same passes over the real cases)")
     evaluate.add_argument("--faithful-min-dice", type=float, default=0.0,
                           help="train the synthetic arm only on the pairs whose generated lesion the real-only "
                                "segmenter finds with at least this Dice (0-1; on BUSI it finds nothing in "
@@ -811,7 +815,8 @@ def command_evaluate(args, progress: Progress) -> dict:
             run_args += [option, str(value)]
     segmenter = SegmenterSettings(resolution=args.resolution, batch_size=args.seg_batch_size,
                                   learning_rate=args.seg_learning_rate, patience=args.seg_patience,
-                                  synthetic_fraction=args.synthetic_fraction)
+                                  synthetic_fraction=args.synthetic_fraction,
+                                  synthetic_until=args.synthetic_until)
     settings = EvaluateSettings(k=args.k, synthetic_per_real=args.synthetic_per_real, seeds=args.seeds,
                                 first_seed=args.seed, validation_cases=args.validation_cases,
                                 unlabeled_pool=args.unlabeled_pool == "on",

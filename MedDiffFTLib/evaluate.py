@@ -461,11 +461,14 @@ def _generate(seed_dir: Path, seed: int, key: dict, rows: dict, settings: Evalua
 
 def arm_steps(real_only_steps: int, segmenter: SegmenterSettings, mixed: bool) -> int:
     """An arm's step budget: a mixed arm draws only (1 - synthetic fraction) of each batch from the
-    real cases, so it gets proportionally more steps; every arm then makes the same passes over the
-    real cases (the extra pairs add to them, never replace them)."""
+    real cases while it mixes (``synthetic_until`` of its steps), so it gets proportionally more
+    steps; every arm then makes the same passes over the real cases (the extra pairs add to them,
+    never replace them)."""
     if not mixed:
         return real_only_steps
-    return math.ceil(real_only_steps * segmenter.batch_size / batch_shares(segmenter)[0])
+    real_per_step = (segmenter.synthetic_until * batch_shares(segmenter)[0]
+                     + (1 - segmenter.synthetic_until) * segmenter.batch_size)
+    return math.ceil(real_only_steps * segmenter.batch_size / real_per_step)
 
 
 def unit_name(arm: str, repeat: int) -> str:
@@ -532,6 +535,8 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError("--seeds, --synthetic-per-real, --seg-epochs and --seg-repeats must be positive.")
     if not 0.0 <= settings.segmenter.synthetic_fraction < 1.0:
         raise MedDiffFTError(f"--synthetic-fraction must be in [0, 1); got {settings.segmenter.synthetic_fraction}.")
+    if not 0.0 <= settings.segmenter.synthetic_until <= 1.0:
+        raise MedDiffFTError(f"--synthetic-until must be in [0, 1]; got {settings.segmenter.synthetic_until}.")
     if not 0.0 <= settings.faithful_min_dice <= 1.0:
         raise MedDiffFTError(f"--faithful-min-dice must be in [0, 1]; got {settings.faithful_min_dice}.")
     batch_shares(settings.segmenter)
@@ -620,7 +625,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                 budget = arm_steps(steps, settings.segmenter, pairs_name is not None)
                 segmenter = asdict(settings.segmenter)
                 if pairs_name is None:  # unused without extra pairs: another fraction keeps this arm's result
-                    del segmenter["synthetic_fraction"]
+                    del segmenter["synthetic_fraction"], segmenter["synthetic_until"]
+                elif segmenter["synthetic_until"] == 1.0:  # as before the curriculum existed: older units stay valid
+                    del segmenter["synthetic_until"]
                 key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
                        "segmenter": segmenter, "validation_cases": settings.validation_cases,
                        **({"augmentation_recipe": AUGMENTATION_RECIPE} if ARMS[arm][0] == "strong" else {}),

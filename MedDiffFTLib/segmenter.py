@@ -3,7 +3,8 @@ judge of mask faithfulness in quality assessment.
 
 Training is deterministic for a seed (model init, batch order and augmentation all derive from
 ``SegmenterSettings.seed``), uses nnU-Net-like augmentation, mixes synthetic pairs into every batch
-at a fixed share, and keeps the best-validation weights.
+at a fixed share (or, as a curriculum, only into the first steps), and keeps the best-validation
+weights.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class SegmenterSettings:
     validate_every: int = 100
     patience: int = 0             # validations without improvement before stopping early (0 = never)
     synthetic_fraction: float = 0.5  # share of each batch drawn from synthetic pairs when given
+    synthetic_until: float = 1.0  # share of the steps, the first ones, that mix synthetic pairs in; the
+    #                               rest are real only (< 1: a synthetic-first curriculum)
     seed: int = 0
 
 
@@ -192,6 +195,8 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: Segment
         _check_pairs(*validation, "validation")
     if not 0.0 <= settings.synthetic_fraction < 1.0:
         raise MedDiffFTError(f"The synthetic fraction must be in [0, 1); got {settings.synthetic_fraction}.")
+    if not 0.0 <= settings.synthetic_until <= 1.0:
+        raise MedDiffFTError(f"The synthetic share of the steps must be in [0, 1]; got {settings.synthetic_until}.")
     if settings.augmentation not in AUGMENTATIONS:
         raise MedDiffFTError(f"Unknown segmenter augmentation {settings.augmentation!r}; use one of "
                              f"{', '.join(AUGMENTATIONS)}.")
@@ -211,11 +216,13 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: Segment
         return pool[0][index], pool[1][index]
 
     total = settings.max_steps
+    mixed_steps = math.ceil(total * settings.synthetic_until) if synthetic_per_batch else 0
     stage = progress.stage("train segmenter", total) if progress is not None else nullcontext(lambda n=1: None)
     with stage as advance:
         for step in range(1, total + 1):
-            batch_images, batch_masks = draw((images, masks), real_per_batch)
-            if synthetic_per_batch:
+            mixing = step <= mixed_steps
+            batch_images, batch_masks = draw((images, masks), real_per_batch if mixing else settings.batch_size)
+            if mixing:
                 extra_images, extra_masks = draw(synthetic, synthetic_per_batch)
                 batch_images = torch.cat([batch_images, extra_images])
                 batch_masks = torch.cat([batch_masks, extra_masks])

@@ -119,6 +119,11 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path, m
     evaluate(split, out, "--synthetic-fraction", "0.4")  # only the mixed arm uses the fraction
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained
     assert (out / "seed_0" / "real_plus_synthetic.json").stat().st_mtime_ns != mixed
+    evaluate(split, out, "--synthetic-fraction", "0.4", "--synthetic-until", "0.5")  # a curriculum: the mixed arm
+    assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained
+    curriculum = json.loads((out / "seed_0" / "real_plus_synthetic.json").read_text())
+    # real only: 4 steps x 2 real pairs; the curriculum: 3 mixed steps x 1 + 3 real-only steps x 2 (8, rounded up)
+    assert curriculum["key"]["segmenter"]["synthetic_until"] == 0.5 and len(curriculum["history"]["loss"]) == 6
     with monkeypatch.context() as patch:  # segmenters trained with another augmentation recipe are not reused
         patch.setattr("MedDiffFTLib.evaluate.AUGMENTATION_RECIPE", -1)
         evaluate(split, out, "--synthetic-fraction", "0.4")
@@ -179,6 +184,8 @@ def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
     with pytest.raises(MedDiffFTError, match=r"A synthetic fraction of 0.9 leaves no real pair in a batch of 2; "
                                              r"lower the fraction or raise the batch size"):
         evaluate(split, tmp_path / "out", "--synthetic-fraction", "0.9")
+    with pytest.raises(MedDiffFTError, match=r"--synthetic-until must be in \[0, 1\]; got -0.5"):
+        evaluate(split, tmp_path / "out", "--synthetic-until", "-0.5")
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

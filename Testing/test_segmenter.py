@@ -142,8 +142,26 @@ def test_synthetic_pairs_enter_every_batch_at_the_given_share():
     assert none_used["loss"] == real_only["loss"] and real_only["best_step"] is None
 
 
+def test_a_synthetic_first_curriculum_mixes_only_the_first_steps():
+    images, masks = blob_tensors(6)
+    synthetic = blob_tensors(6, seed=1)
+    settings = SegmenterSettings(resolution=32, max_steps=3, batch_size=4, augmentation="none")
+    _, mixed = train_segmenter(images, masks, settings, device=CPU, synthetic=synthetic)
+    _, real_only = train_segmenter(images, masks, settings, device=CPU)
+
+    def curriculum(until: float) -> list[float]:
+        scheduled = SegmenterSettings(**{**settings.__dict__, "synthetic_until": until})
+        _, history = train_segmenter(images, masks, scheduled, device=CPU, synthetic=synthetic)
+        return history["loss"]
+
+    first_two = curriculum(0.5)  # ceil(1.5) = 2 mixed steps, then real only
+    assert first_two[:2] == mixed["loss"][:2] and first_two[2] != mixed["loss"][2]
+    assert curriculum(0.0) == real_only["loss"]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"synthetic_fraction": 1.0}, r"The synthetic fraction must be in \[0, 1\); got 1.0"),
+    ({"synthetic_until": 1.5}, r"The synthetic share of the steps must be in \[0, 1\]; got 1.5"),
     ({"augmentation": "heavy"}, r"Unknown segmenter augmentation 'heavy'; use one of strong, none"),
 ])
 def test_bad_settings_are_refused(change, message):

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic-fraction", default="0.5",
                         help="share of each segmenter batch from the extra pairs (0.5, the library default, "
                              "won on validation at 1000 epochs; 0.25 at 400)")
+    parser.add_argument("--synthetic-until", default="1",
+                        help="share of the mixed arm's steps that draw synthetic pairs, the first ones "
+                             "(1 = mixed throughout; < 1: a synthetic-first curriculum)")
     parser.add_argument("--seg-repeats", default="2",
                         help="segmenters per arm and subset, Dice averaged (the segmenter's seed alone moves "
                              "a subset's test Dice by ~2 points; the README's rows before 2026-12 used 1)")
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             "--resolution", str(args.resolution), "--seg-epochs", str(args.seg_epochs),
             "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
             "--unlabeled-pool", args.unlabeled_pool, "--device", args.device,
-            "--synthetic-fraction", args.synthetic_fraction, "--seg-patience", args.seg_patience,
+            "--synthetic-fraction", args.synthetic_fraction, "--synthetic-until", args.synthetic_until,
+            "--seg-patience", args.seg_patience,
             "--seg-repeats", args.seg_repeats,
             "--faithful-min-dice", args.faithful_min_dice]
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
