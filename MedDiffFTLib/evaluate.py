@@ -759,8 +759,11 @@ def report_markdown(report: dict, arms: list[str]) -> str:
             lines.append(f"- {key}: {_number(report[key], 4)}")
     if "real_plus_synthetic" in arms:
         used = [f"{row['synthetic_pairs_used']}/{row['synthetic_pairs']}" for row in report["per_seed_synthetic"]]
+        mixing = settings["segmenter"]
         lines.append(f"- synthetic pairs the segmenter trained on (of those generated; --faithful-min-dice "
-                     f"{settings['faithful_min_dice']}): {', '.join(used)}")
+                     f"{settings['faithful_min_dice']}): {', '.join(used)}; {mixing['synthetic_fraction']} of "
+                     f"each batch in the first {mixing['synthetic_until']} of its steps (--synthetic-fraction, "
+                     "--synthetic-until)")
     if "real_plus_copy_paste" in arms:
         qa = [row.get("copy_paste_qa") for row in report["per_seed_synthetic"]]
         lines.append("- copy-paste pairs: " + ("through the generation's QA (memorization not judged), kept "

@@ -124,6 +124,7 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path, m
     curriculum = json.loads((out / "seed_0" / "real_plus_synthetic.json").read_text())
     # real only: 4 steps x 2 real pairs; the curriculum: 3 mixed steps x 1 + 3 real-only steps x 2 (8, rounded up)
     assert curriculum["key"]["segmenter"]["synthetic_until"] == 0.5 and len(curriculum["history"]["loss"]) == 6
+    assert "0.4 of each batch in the first 0.5 of its steps" in (out / "report.md").read_text()
     with monkeypatch.context() as patch:  # segmenters trained with another augmentation recipe are not reused
         patch.setattr("MedDiffFTLib.evaluate.AUGMENTATION_RECIPE", -1)
         evaluate(split, out, "--synthetic-fraction", "0.4")
