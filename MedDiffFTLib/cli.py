@@ -340,6 +340,9 @@ def _add_evaluate(commands) -> None:
                                "points; default 1)")
     evaluate.add_argument("--seg-batch-size", type=int, default=8, help="segmenter batch size (default 8)")
     evaluate.add_argument("--seg-learning-rate", type=float, default=1e-3, help="segmenter Adam learning rate")
+    evaluate.add_argument("--seg-lr-schedule", default="constant", metavar="constant|poly",
+                          help="segmenter learning rate over its steps: constant (default) or poly "
+                               "(nnU-Net's decay to 0, lr x (1 - step / steps) ** 0.9)")
     evaluate.add_argument("--resolution", type=int, default=128,
                           help="segmenter input side in px (default 128); the backbone's goes in --run-args")
     evaluate.add_argument("--synthetic-fraction", type=float, default=0.5,
@@ -814,7 +817,8 @@ def command_evaluate(args, progress: Progress) -> dict:
         if value is not None:
             run_args += [option, str(value)]
     segmenter = SegmenterSettings(resolution=args.resolution, batch_size=args.seg_batch_size,
-                                  learning_rate=args.seg_learning_rate, patience=args.seg_patience,
+                                  learning_rate=args.seg_learning_rate, lr_schedule=args.seg_lr_schedule,
+                                  patience=args.seg_patience,
                                   synthetic_fraction=args.synthetic_fraction,
                                   synthetic_until=args.synthetic_until)
     settings = EvaluateSettings(k=args.k, synthetic_per_real=args.synthetic_per_real, seeds=args.seeds,

@@ -31,14 +31,18 @@ from .masks import dilate
 from .outputs import partial_dir, write_json
 from .progress import Progress
 from .quality import QualityFilter
-from .segmenter import (AUGMENTATION_RECIPE, SegmenterSettings, batch_shares, build_model, dice_per_image,
-                        encoder_features, hd95_per_image, planes_to_tensor, predict, train_segmenter)
+from .segmenter import (AUGMENTATION_RECIPE, LR_SCHEDULES, SegmenterSettings, batch_shares, build_model,
+                        dice_per_image, encoder_features, hd95_per_image, planes_to_tensor, predict,
+                        train_segmenter)
 from .slicing import choose_axis, slice_stack, to_channels
 
 # arm name -> (augmentation, extra pairs mixed into each batch)
 ARMS = {"real_no_aug": ("none", None), "real_only": ("strong", None),
         "real_plus_synthetic": ("strong", "synthetic"), "real_plus_copy_paste": ("strong", "copy_paste")}
 MEMORIZATION_NCC = 0.95
+# Segmenter settings added after evaluation folders existed: a unit's key leaves them out at these
+# values (what every older unit trained with), so those units stay valid.
+UNKEYED_DEFAULTS = {"synthetic_until": 1.0, "lr_schedule": "constant"}
 ROI_PX = 32
 
 
@@ -537,6 +541,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError(f"--synthetic-fraction must be in [0, 1); got {settings.segmenter.synthetic_fraction}.")
     if not 0.0 <= settings.segmenter.synthetic_until <= 1.0:
         raise MedDiffFTError(f"--synthetic-until must be in [0, 1]; got {settings.segmenter.synthetic_until}.")
+    if settings.segmenter.lr_schedule not in LR_SCHEDULES:
+        raise MedDiffFTError(f"--seg-lr-schedule {settings.segmenter.lr_schedule}: use one of "
+                             f"{', '.join(LR_SCHEDULES)}.")
     if not 0.0 <= settings.faithful_min_dice <= 1.0:
         raise MedDiffFTError(f"--faithful-min-dice must be in [0, 1]; got {settings.faithful_min_dice}.")
     batch_shares(settings.segmenter)
@@ -623,11 +630,11 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                     metrics = {**_synthetic_metrics(generation_dir, entries, lesions, dice, real, judge, arms),
                                "synthetic_pairs_used": len(used)}
                 budget = arm_steps(steps, settings.segmenter, pairs_name is not None)
-                segmenter = asdict(settings.segmenter)
+                segmenter = {name: value for name, value in asdict(settings.segmenter).items()
+                             if name not in UNKEYED_DEFAULTS or value != UNKEYED_DEFAULTS[name]}
                 if pairs_name is None:  # unused without extra pairs: another fraction keeps this arm's result
-                    del segmenter["synthetic_fraction"], segmenter["synthetic_until"]
-                elif segmenter["synthetic_until"] == 1.0:  # as before the curriculum existed: older units stay valid
-                    del segmenter["synthetic_until"]
+                    segmenter.pop("synthetic_fraction")
+                    segmenter.pop("synthetic_until", None)
                 key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
                        "segmenter": segmenter, "validation_cases": settings.validation_cases,
                        **({"augmentation_recipe": AUGMENTATION_RECIPE} if ARMS[arm][0] == "strong" else {}),
@@ -742,7 +749,8 @@ def report_markdown(report: dict, arms: list[str]) -> str:
              f"K = {settings['k']} labeled cases per seed, {len(report['real_only']['per_seed'])} seeds "
              f"(a different random K-subset each), {settings['test_cases']} test cases, "
              f"unlabeled pool for the backbone: {'on' if settings['unlabeled_pool_used'] else 'off'}; "
-             f"{settings['seg_repeats']} segmenter(s) per arm and seed, Dice averaged.", "",
+             f"{settings['seg_repeats']} segmenter(s) per arm and seed ({settings['segmenter']['lr_schedule']} "
+             "learning rate), Dice averaged.", "",
              "| arm | Dice mean | Dice sd | HD95 mean (px) | per seed |", "|---|---|---|---|---|"]
     for arm in arms:
         row = report[arm]

@@ -2,9 +2,9 @@
 judge of mask faithfulness in quality assessment.
 
 Training is deterministic for a seed (model init, batch order and augmentation all derive from
-``SegmenterSettings.seed``), uses nnU-Net-like augmentation, mixes synthetic pairs into every batch
-at a fixed share (or, as a curriculum, only into the first steps), and keeps the best-validation
-weights.
+``SegmenterSettings.seed``), uses nnU-Net-like augmentation (and, if asked, nnU-Net's polynomial
+learning-rate decay), mixes synthetic pairs into every batch at a fixed share (or, as a curriculum,
+only into the first steps), and keeps the best-validation weights.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .errors import MedDiffFTError
 from .progress import Progress
 
 AUGMENTATIONS = ("strong", "none")
+LR_SCHEDULES = ("constant", "poly")  # poly: nnU-Net's lr x (1 - step / max_steps) ** 0.9
 # Raised whenever `augment` draws differently, so evaluate does not reuse segmenters trained with
 # another recipe (1: MONAI's per-sample transforms; 2: `augment`, batched).
 AUGMENTATION_RECIPE = 2
@@ -34,6 +35,7 @@ class SegmenterSettings:
     max_steps: int = 3000         # optimizer steps at most
     batch_size: int = 8
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # "constant" | "poly" (decays to 0 over max_steps, as nnU-Net)
     augmentation: str = "strong"  # "strong" (nnU-Net-like) | "none"
     validate_every: int = 100
     patience: int = 0             # validations without improvement before stopping early (0 = never)
@@ -197,6 +199,9 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: Segment
         raise MedDiffFTError(f"The synthetic fraction must be in [0, 1); got {settings.synthetic_fraction}.")
     if not 0.0 <= settings.synthetic_until <= 1.0:
         raise MedDiffFTError(f"The synthetic share of the steps must be in [0, 1]; got {settings.synthetic_until}.")
+    if settings.lr_schedule not in LR_SCHEDULES:
+        raise MedDiffFTError(f"Unknown segmenter learning-rate schedule {settings.lr_schedule!r}; use one of "
+                             f"{', '.join(LR_SCHEDULES)}.")
     if settings.augmentation not in AUGMENTATIONS:
         raise MedDiffFTError(f"Unknown segmenter augmentation {settings.augmentation!r}; use one of "
                              f"{', '.join(AUGMENTATIONS)}.")
@@ -207,6 +212,8 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: Segment
         torch.manual_seed(settings.seed)
         model = build_model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=1e-5)
+    power = 0.9 if settings.lr_schedule == "poly" else 0.0  # power 0: the rate stays constant
+    schedule = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=settings.max_steps, power=power)
     loss_fn = DiceCELoss(sigmoid=True)
     history: dict = {"loss": [], "val_dice": [], "best_step": None}
     best_dice, best_state, stale = -1.0, None, 0
@@ -234,6 +241,7 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: Segment
             loss = loss_fn(model(batch_images), batch_masks)
             loss.backward()
             optimizer.step()
+            schedule.step()
             history["loss"].append(float(loss.item()))
             advance(1)
             if validation is not None and (step % settings.validate_every == 0 or step == total):

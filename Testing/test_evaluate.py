@@ -134,6 +134,12 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path, m
     assert (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns == generated
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
     assert len(json.loads((out / "seed_0" / "real_only.json").read_text())["history"]["loss"]) == 3 * 2 // 2
+    trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
+    evaluate(split, out, "--seg-epochs", "3", "--seg-lr-schedule", "poly")  # the decay is in every arm's key
+    poly = json.loads((out / "seed_0" / "real_only.json").read_text())
+    assert poly["key"]["segmenter"]["lr_schedule"] == "poly" and "lr_schedule" not in curriculum["key"]["segmenter"]
+    assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
+    assert "(poly learning rate)" in (out / "report.md").read_text()
 
 
 def test_segmenter_repeats_average_their_dice_and_keep_the_first_repeat_s_record(split, tmp_path):
@@ -187,6 +193,8 @@ def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
         evaluate(split, tmp_path / "out", "--synthetic-fraction", "0.9")
     with pytest.raises(MedDiffFTError, match=r"--synthetic-until must be in \[0, 1\]; got -0.5"):
         evaluate(split, tmp_path / "out", "--synthetic-until", "-0.5")
+    with pytest.raises(MedDiffFTError, match=r"--seg-lr-schedule cosine: use one of constant, poly"):
+        evaluate(split, tmp_path / "out", "--seg-lr-schedule", "cosine")
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

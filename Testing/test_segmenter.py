@@ -159,7 +159,18 @@ def test_a_synthetic_first_curriculum_mixes_only_the_first_steps():
     assert curriculum(0.0) == real_only["loss"]
 
 
+def test_the_poly_schedule_decays_the_learning_rate_after_the_first_step():
+    images, masks = blob_tensors(4)
+    settings = SegmenterSettings(resolution=32, max_steps=4, batch_size=2, augmentation="none")
+    _, constant = train_segmenter(images, masks, settings, device=CPU)
+    _, poly = train_segmenter(images, masks, SegmenterSettings(**{**settings.__dict__, "lr_schedule": "poly"}),
+                              device=CPU)
+    # step 1 updates at the full rate in both (step 2's loss is equal); step 2 at a lower one
+    assert poly["loss"][:2] == constant["loss"][:2] and poly["loss"][2] != constant["loss"][2]
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"lr_schedule": "cosine"}, r"Unknown segmenter learning-rate schedule 'cosine'; use one of constant, poly"),
     ({"synthetic_fraction": 1.0}, r"The synthetic fraction must be in \[0, 1\); got 1.0"),
     ({"synthetic_until": 1.5}, r"The synthetic share of the steps must be in \[0, 1\]; got 1.5"),
     ({"augmentation": "heavy"}, r"Unknown segmenter augmentation 'heavy'; use one of strong, none"),
