@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, MedDiffFTError
-from .masks import OLD_LESION, PLACEMENTS
+from .masks import LESION_SIZES, OLD_LESION, PLACEMENTS
 from .progress import Progress
 
 EXIT_BAD_INPUT = 2
@@ -213,10 +213,15 @@ def _add_placement(group) -> None:
                        help="where in the allowed region a generated lesion goes: uniform (default; "
                             "anywhere) or learned (near where a labeled lesion lies in its image, "
                             "relative to the frame)")
+    group.add_argument("--lesion-size", default="range", choices=LESION_SIZES,
+                       help="a generated lesion's size: range (default; log-uniform over the labeled "
+                            "lesions' size range, so mostly small ones) or real (about the size of a "
+                            "labeled lesion, as the labeled sizes are distributed)")
 
 
 def _placement_options(args) -> dict:
-    return {"allowed_region": args.allowed_region, "old_lesion": args.old_lesion, "placement": args.placement}
+    return {"allowed_region": args.allowed_region, "old_lesion": args.old_lesion, "placement": args.placement,
+            "lesion_size": args.lesion_size}
 
 
 def _add_mask_generator(parser: argparse.ArgumentParser) -> None:

@@ -46,6 +46,7 @@ SAMPLING_STEPS = 20
 CANDIDATES = 4  # shapes sampled per model call
 MAX_TRIES = 16
 NOVELTY_IOU = 0.95  # a new shape must overlap every training shape less than this
+REAL_SIZE_SD = 0.25  # lesion_size real: log-normal spread around a real lesion's area (about +-28 %)
 
 
 @dataclass
@@ -263,13 +264,17 @@ class GeneratorMaskSource:
     ``allowed_region`` (a mask file on the background's grid, or a segment of the background's
     own label; default: the image's body), anywhere in it (``placement`` uniform) or near the
     relative position of the real lesion whose profile it follows (learned; a kept old lesion or
-    another label there pushes it to a free place nearby). The background's own lesion is
-    healed, or with ``keep_old`` kept, labeled, and kept clear of like any other label."""
+    another label there pushes it to a free place nearby). Its size is drawn log-uniform over the
+    real lesions' range (``lesion_size`` range), or around that real lesion's own size (real: the
+    labeled sizes' distribution; with range the new lesions BUSI's keep pairs kept had a sixth of
+    the real ones' median area). The background's own lesion is healed, or with ``keep_old`` kept, labeled, and
+    kept clear of like any other label."""
 
     generator: MaskGenerator
     allowed_region: str | None = None
     keep_old: bool = False
     placement: str = "uniform"
+    lesion_size: str = "range"
     bounds: GeometryBounds = field(default_factory=GeometryBounds)
     name: str = "generator"
     regions: dict = field(default_factory=dict, repr=False)  # per background image path
@@ -316,7 +321,10 @@ class GeneratorMaskSource:
                 continue
             shape = candidates.pop(0)
             lesion_index = int(draw.integers(len(self.generator.lesions)))
-            area = float(np.exp(draw.uniform(np.log(low), np.log(max(low, high)))))
+            if self.lesion_size == "real":
+                area = float(np.clip(peaks[lesion_index] * np.exp(draw.normal(0.0, REAL_SIZE_SD)), low, high))
+            else:
+                area = float(np.exp(draw.uniform(np.log(low), np.log(max(low, high)))))
             lesion, geometry = self._sweep(shape, self.generator.lesions[lesion_index], area, draw)
             peak = int(lesion.reshape(len(lesion), -1).sum(axis=1).max()) if lesion.any() else 0
             if not low <= peak <= high:
@@ -344,6 +352,7 @@ class GeneratorMaskSource:
                        "real_lesion": lesion_index, "lesion_slices": len(lesion),
                        "placement": [int(s) for s in start],
                        "allowed_region": self.allowed_region or "body", "placement_mode": self.placement,
+                       "lesion_size": self.lesion_size,
                        **({"placement_target": target} if target is not None else {}),
                        "old_lesion": "keep" if self.keep_old else "heal", **geometry}
             healed = np.zeros_like(background.foreground) if self.keep_old else background.foreground.copy()

@@ -172,10 +172,11 @@ def place_label(label: np.ndarray, foreground: np.ndarray, shape: tuple[int, ...
 MASK_SOURCES = ("label", "jitter", "generator")
 OLD_LESION = ("heal", "keep")
 PLACEMENTS = ("uniform", "learned")
+LESION_SIZES = ("range", "real")
 
 
 def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesion: str = "heal",
-                      placement: str = "uniform") -> None:
+                      placement: str = "uniform", lesion_size: str = "range") -> None:
     """Reject mask-source options that do not go together (before any training is spent)."""
     if name not in MASK_SOURCES:
         raise MedDiffFTError(f"--mask-source {name}: choose one of {', '.join(MASK_SOURCES)}.")
@@ -183,6 +184,11 @@ def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesio
         raise MedDiffFTError(f"--old-lesion {old_lesion}: choose one of {', '.join(OLD_LESION)}.")
     if placement not in PLACEMENTS:
         raise MedDiffFTError(f"--placement {placement}: choose one of {', '.join(PLACEMENTS)}.")
+    if lesion_size not in LESION_SIZES:
+        raise MedDiffFTError(f"--lesion-size {lesion_size}: choose one of {', '.join(LESION_SIZES)}.")
+    if lesion_size != "range" and name != "generator":
+        raise MedDiffFTError(f"--lesion-size {lesion_size} sizes generated lesions (--mask-source generator); "
+                             f"--mask-source {name} keeps the case's own lesion size: drop --lesion-size.")
     if placement != "uniform" and name != "generator":
         raise MedDiffFTError(f"--placement {placement} places generated lesions (--mask-source generator); "
                              f"--mask-source {name} works from the case's own lesion: drop --placement.")
@@ -197,12 +203,16 @@ def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesio
 
 def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
                      allowed_region: str | None = None, old_lesion: str = "heal",
-                     placement: str = "uniform", device: "torch.device | None" = None) -> MaskSource:
+                     placement: str = "uniform", lesion_size: str = "range",
+                     device: "torch.device | None" = None) -> MaskSource:
     """The run's mask source; ``generator`` loads the mask model from ``model_dir`` once.
     ``old_lesion`` keep: a generated lesion is added next to the background's own lesion, which
     stays real and labeled (heal: it is painted over as tissue). ``placement`` learned: near a
-    labeled lesion's relative position (uniform: anywhere in the allowed region)."""
-    check_mask_source(name, allowed_region=allowed_region, old_lesion=old_lesion, placement=placement)
+    labeled lesion's relative position (uniform: anywhere in the allowed region). ``lesion_size``
+    real: about the size of a labeled lesion (range: anywhere in the labeled lesions' size range,
+    log-uniform)."""
+    check_mask_source(name, allowed_region=allowed_region, old_lesion=old_lesion, placement=placement,
+                      lesion_size=lesion_size)
     if name == "label":
         return LabelMaskSource()
     if name == "jitter":
@@ -215,4 +225,5 @@ def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
         raise MedDiffFTError("--mask-source generator needs the model folder: build the source with "
                              "make_mask_source('generator', model_dir=...) and pass it to generate_samples.")
     generator = MaskGenerator.load(model_dir, device or torch.device("cpu"))
-    return GeneratorMaskSource(generator, allowed_region, keep_old=old_lesion == "keep", placement=placement)
+    return GeneratorMaskSource(generator, allowed_region, keep_old=old_lesion == "keep", placement=placement,
+                               lesion_size=lesion_size)

@@ -144,6 +144,26 @@ def test_learned_placement_puts_new_lesions_where_the_labeled_lesions_lie(pictur
                                                                np.random.default_rng(0), case)
 
 
+def test_real_lesion_sizes_follow_the_labeled_lesion_each_new_one_is_drawn_from(pictures):
+    """--lesion-size real: a new lesion's area lies near its real lesion's (log-normal, sd 0.25);
+    range spreads over the whole labeled range."""
+    cases, generator, _ = pictures
+    case = cases[0]
+
+    def log_ratios(lesion_size: str) -> np.ndarray:
+        source = GeneratorMaskSource(generator, lesion_size=lesion_size)
+        ratios = []
+        for seed in range(12):
+            proposal = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+            assert proposal.details["lesion_size"] == lesion_size
+            real = max(generator.lesions[proposal.details["real_lesion"]]["areas"])
+            ratios.append(np.log(proposal.details["area_px"] / real))
+        return np.abs(ratios)
+
+    real, spread = log_ratios("real"), log_ratios("range")
+    assert real.max() < 0.8 and real.mean() < 0.5 * spread.mean(), (real, spread)
+
+
 def test_volume_lesions_are_coherent_in_3d(tmp_path):
     cases = []
     for seed in range(2):
@@ -244,6 +264,10 @@ def test_missing_generator_and_misplaced_options_name_the_fix(tmp_path, picture_
                                              r"generator\); --mask-source jitter works from the case's own lesion: "
                                              r"drop --placement\."):
         run_command([*sample, "--jitter", "--placement", "learned"])
+    with pytest.raises(MedDiffFTError, match=r"--lesion-size real sizes generated lesions \(--mask-source "
+                                             r"generator\); --mask-source label keeps the case's own lesion size: "
+                                             r"drop --lesion-size\."):
+        run_command([*sample, "--mask-source", "label", "--lesion-size", "real"])
     with pytest.raises(MedDiffFTError, match=r"--old-lesion keep adds a generated lesion next to the old one "
                                              r"\(--mask-source generator\); --mask-source jitter repaints the "
                                              r"old lesion itself: drop --old-lesion or use --mask-source generator\."):
