@@ -153,12 +153,11 @@ def load_model(model_dir: str | os.PathLike, device: torch.device) -> tuple[Back
 
 def save_model(directory: Path, backbone: Backbone, card: dict, bank: dict[str, torch.Tensor]) -> None:
     """Write a model folder; ``meddiffft.json`` goes last, so its presence marks a complete model."""
+    from .outputs import write_json  # outputs imports the engine, which imports this module
     directory.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(directory)
     if bank:
         save_file({k: v.contiguous().cpu() for k, v in bank.items()}, str(directory / LESION_BANK))
     card = {"format_version": MODEL_FORMAT_VERSION, "library_version": __version__,
             "backbone": backbone.kind, **card}
-    tmp = directory / (MODEL_CARD + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2))
-    os.replace(tmp, directory / MODEL_CARD)
+    write_json(directory / MODEL_CARD, card)

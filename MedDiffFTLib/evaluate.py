@@ -28,7 +28,7 @@ from .caseio import Case, cast_like, read_case, read_cases_csv
 from .errors import MedDiffFTError
 from .generate import Sample
 from .masks import dilate
-from .outputs import partial_dir, write_json
+from .outputs import atomic_file, partial_dir, write_json
 from .progress import Progress
 from .quality import QualityFilter
 from .segmenter import (AUGMENTATION_RECIPE, LR_SCHEDULES, SegmenterSettings, batch_shares, build_model,
@@ -409,9 +409,8 @@ def load_segmenter(path: Path, device: torch.device) -> torch.nn.Module:
 def _save_segmenter(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
 
 
 def _open_run_folder(out: Path, record: dict, overwrite: bool) -> None:
@@ -785,10 +784,9 @@ def report_markdown(report: dict, arms: list[str]) -> str:
 def _save_figure(figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def write_report(out: Path, report: dict, per_seed: dict, real, synthetic) -> None:
@@ -836,6 +834,6 @@ def write_report(out: Path, report: dict, per_seed: dict, real, synthetic) -> No
     dice_axis.legend(fontsize=6)
     _save_figure(figure, out / "loss_curves.png")
 
-    (out / "report.md.tmp").write_text(report_markdown(report, arms))
-    os.replace(out / "report.md.tmp", out / "report.md")
+    with atomic_file(out / "report.md") as tmp:
+        tmp.write_text(report_markdown(report, arms))
     write_json(out / "report.json", report)

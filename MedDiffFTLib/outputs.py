@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,11 +63,25 @@ def staged_dir(path: Path, overwrite: bool, *, resumable: bool = False) -> Itera
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; it replaces ``path`` when the block
+    succeeds and is removed when it fails. The name is this writer's own (process id and a random
+    part), so processes writing the same file never share one; it keeps ``path``'s suffix, which
+    some writers read the format from."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
 
 
 def write_samples(directory: Path, samples: list[Sample], source: Case, *, start: int = 0) -> list[dict]:
@@ -134,6 +149,5 @@ def write_preview(path: Path, source: Case, samples: list[Sample], axis_spec: st
     padded += [np.zeros_like(padded[0])] * (-len(padded) % columns)
     grid = np.concatenate([np.concatenate(padded[i:i + columns], axis=1)
                            for i in range(0, len(padded), columns)], axis=0)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(grid).save(tmp)

@@ -116,6 +116,25 @@ def test_existing_output_folder_is_kept(tmp_path, volume_case):
     assert (tmp_path / "out" / "manifest.json").is_file()
 
 
+def test_atomic_writes_of_one_file_by_two_writers_at_once_and_a_failed_write(tmp_path):
+    """Two processes finishing the same evaluation write its settings at once: each writer has its
+    own temporary file, the last to finish wins, and a failed write leaves the old file and no
+    temporary behind."""
+    from MedDiffFTLib.outputs import atomic_file, write_json
+
+    path = tmp_path / "settings.json"
+    with atomic_file(path) as first, atomic_file(path) as second:
+        first.write_text("first")
+        second.write_text("second")
+    assert path.read_text() == "first" and first != second  # the inner block (second) finished first
+    with pytest.raises(RuntimeError), atomic_file(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    write_json(tmp_path / "other.json", {"a": 1})
+    assert path.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json", "settings.json"]
+
+
 def test_training_set_without_any_mask(tmp_path, volume_case):
     image, _ = volume_case()
     empty = write_volume(np.zeros((6, 28, 24), np.uint8), tmp_path / "empty.nrrd")
