@@ -267,8 +267,9 @@ class GeneratorMaskSource:
     another label there pushes it to a free place nearby). Its size is drawn log-uniform over the
     real lesions' range (``lesion_size`` range), or around that real lesion's own size (real: the
     labeled sizes' distribution; on BUSI's keep pairs, range gave new lesions of 0.3 times the
-    labeled lesions' median area, real 0.6: a large lesion often finds no room beside the kept one). The background's own lesion is healed, or with ``keep_old`` kept, labeled, and
-    kept clear of like any other label."""
+    labeled lesions' median area, real 0.6: a large lesion often finds no room beside the kept
+    one). The background's own lesion is healed, or with ``keep_old`` kept, labeled, and kept
+    clear of like any other label."""
 
     generator: MaskGenerator
     allowed_region: str | None = None
