@@ -706,8 +706,12 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
         p_name = "paired_p_value" if arm == "real_plus_synthetic" else f"paired_p_value_{arm}"
         after = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
         before = [per_seed[s]["arms"]["real_only"]["dice_mean"] for s in seeds]
-        p_value = stats.ttest_rel(after, before).pvalue if len(seeds) > 1 else float("nan")
+        test = stats.ttest_rel(after, before) if len(seeds) > 1 else None
+        p_value = test.pvalue if test is not None else float("nan")
         report[p_name] = float(p_value) if np.isfinite(p_value) else None
+        interval = test.confidence_interval(0.95) if test is not None else (float("nan"),) * 2
+        report[f"{name}_ci95"] = ([float(interval[0]), float(interval[1])] if np.isfinite(interval).all()
+                                  else None)  # the delta's paired-t 95 % interval: is a gain of G excluded?
     for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
         report[key] = _mean_defined(per_seed[s].get(key) for s in seeds)
     report["per_seed_synthetic"] = [{"seed": s, **{k: v for k, v in per_seed[s].items()
@@ -758,9 +762,11 @@ def report_markdown(report: dict, arms: list[str]) -> str:
                      f"{_number(row['hd95_mean'], 1)} | {seeds} |")
     lines.append("")
     if "delta_dice_mean" in report:
+        interval = report["delta_dice_ci95"]
         lines.append(f"Delta Dice (real + synthetic - real only): {_number(report['delta_dice_mean'] * 100, 2)} "
-                     f"+- {_number(report['delta_dice_sd'] * 100, 2)} points, paired t-test p = "
-                     f"{_number(report['paired_p_value'])}.")
+                     f"+- {_number(report['delta_dice_sd'] * 100, 2)} points"
+                     + (f" (95 % interval {interval[0] * 100:.2f} to {interval[1] * 100:.2f})" if interval else "")
+                     + f", paired t-test p = {_number(report['paired_p_value'])}.")
     for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
         if key in report:
             lines.append(f"- {key}: {_number(report[key], 4)}")

@@ -71,6 +71,11 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
                                                     report["real_plus_synthetic"]["per_seed"])]
     assert report["delta_dice_mean"] == pytest.approx(np.mean(deltas))
     assert report["delta_dice_sd"] == pytest.approx(np.std(deltas, ddof=1))
+    half_width = 12.706 * np.std(deltas, ddof=1) / np.sqrt(2)  # Student's t, 1 degree of freedom, 97.5 %
+    assert report["delta_dice_ci95"] == pytest.approx([np.mean(deltas) - half_width, np.mean(deltas) + half_width],
+                                                      rel=1e-3)
+    interval = " to ".join(f"{bound * 100:.2f}" for bound in report["delta_dice_ci95"])
+    assert f"(95 % interval {interval})" in (tmp_path / "a" / "report.md").read_text()
     assert done["delta_dice_mean"] == report["delta_dice_mean"]
     for key in ("paired_p_value", "frd", "kid", "faithfulness_ratio", "memorization_rate", "settings", "timings"):
         assert key in report

@@ -68,9 +68,12 @@ def seed_noise(name: str, runs: list[np.ndarray]) -> None:
 def describe(name: str, deltas: dict[int, tuple[float, float]]) -> None:
     test = np.array([d[0] for d in deltas.values()]) * 100
     val = np.array([d[1] for d in deltas.values()]) * 100
-    p_value = stats.ttest_1samp(test, 0.0).pvalue if len(test) > 1 else float("nan")
+    result = stats.ttest_1samp(test, 0.0) if len(test) > 1 else None
+    p_value = result.pvalue if result is not None else float("nan")
+    low, high = result.confidence_interval(0.95) if result is not None else (float("nan"),) * 2
     print(f"{name}: {len(test)} subsets; test {test.mean():+.2f} +- {test.std(ddof=1) if len(test) > 1 else 0:.2f} "
-          f"points (paired t p = {p_value:.3f}; {int((test > 0).sum())} gained); validation {val.mean():+.2f}")
+          f"points (95 % interval {low:+.2f} to {high:+.2f}; paired t p = {p_value:.3f}; "
+          f"{int((test > 0).sum())} gained); validation {val.mean():+.2f}")
 
 
 def main() -> None:
