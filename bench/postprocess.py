@@ -1,7 +1,8 @@
 """Does keeping only the largest predicted lesion change an evaluation's delta? (nnU-Net picks this
 post-processing on validation.) Re-scores every saved segmenter of `meddiffft evaluate` folders on
-their validation and test cases, with and without keeping the largest connected component (scipy's
-labelling: MONAI's KeepLargestConnectedComponent needs scikit-image, not a dependency), and prints
+their validation and test cases, with and without keeping the largest connected component, holes
+filled (`masks.largest_component`; MONAI's KeepLargestConnectedComponent needs scikit-image, not a
+dependency), and prints
 each arm's Dice and the delta (real + synthetic minus real only), pooled over the subsets.
 
 Keep pairs add a second lesion beside the real one, and BUSI cases hold one: a segmenter trained
@@ -13,40 +14,28 @@ on them may find extra lesions that are not there (the mixed arm's HD95 rose, 14
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage, stats
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from MedDiffFTLib.caseio import read_case  # noqa: E402
+from MedDiffFTLib.caseio import read_case, read_cases_csv  # noqa: E402
 from MedDiffFTLib.evaluate import case_tensors, load_segmenter, unit_name  # noqa: E402
+from MedDiffFTLib.masks import largest_component  # noqa: E402
 from MedDiffFTLib.segmenter import dice_per_image, predict  # noqa: E402
 
 ARMS = ("real_only", "real_plus_synthetic")
 
 
 def labels_of(csv_path: Path) -> dict[str, str]:
-    """image path -> label path, as `evaluate` resolved them (relative to the CSV)."""
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {str((csv_path.parent / row["image"]).resolve()): str((csv_path.parent / row["label"]).resolve())
-            for row in rows}
-
-
-def largest_component(plane: np.ndarray) -> np.ndarray:
-    """The largest 8-connected foreground component of a 2D mask (empty stays empty)."""
-    components, count = ndimage.label(plane, structure=np.ones((3, 3)))
-    if count <= 1:
-        return plane
-    sizes = np.bincount(components.ravel())[1:]
-    return components == 1 + int(np.argmax(sizes))
+    """image path (resolved) -> label path, as `evaluate` read them."""
+    return {str(Path(image).resolve()): label for image, label in read_cases_csv(str(csv_path))}
 
 
 def case_dice(model: torch.nn.Module, cases: list, largest: bool) -> float:
@@ -56,7 +45,7 @@ def case_dice(model: torch.nn.Module, cases: list, largest: bool) -> float:
         prediction = predict(model, images)
         if largest:
             prediction = torch.from_numpy(np.stack([largest_component(plane[0].numpy())[None]
-                                                    for plane in prediction]))
+                                                    for plane in prediction]))  # holes filled too
         dice.append(float(dice_per_image(prediction.reshape(1, 1, -1, prediction.shape[-1]),
                                          masks.bool().reshape(1, 1, -1, masks.shape[-1]))[0]))
     return float(np.mean(dice))
