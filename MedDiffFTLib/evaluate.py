@@ -40,6 +40,7 @@ from .slicing import choose_axis, slice_stack, to_channels
 ARMS = {"real_no_aug": ("none", None), "real_only": ("strong", None),
         "real_plus_synthetic": ("strong", "synthetic"), "real_plus_copy_paste": ("strong", "copy_paste")}
 MEMORIZATION_NCC = 0.95
+PLATEAU_POINTS = 1.0  # a late validation gain above this many Dice points: the arm has not plateaued
 # Segmenter settings added after evaluation folders existed: a unit's key leaves them out at these
 # values (what every older unit trained with), so those units stay valid.
 UNKEYED_DEFAULTS = {"synthetic_until": 1.0, "lr_schedule": "constant"}
@@ -486,12 +487,23 @@ def segmenter_seed(seed: int, repeat: int) -> int:
     return seed if repeat == 0 else int(np.random.SeedSequence([seed, repeat]).generate_state(1)[0])
 
 
+def late_validation_gain(history: dict) -> float | None:
+    """Mean validation Dice over the last quarter of a segmenter's checks minus over the quarter
+    before: about 0 once the budget has let it plateau (issue 6 asks each arm to converge); None
+    with fewer than 8 checks."""
+    dice = np.asarray([value for _, value in history["val_dice"]], dtype=np.float64)
+    quarter = len(dice) // 4
+    return float(dice[-quarter:].mean() - dice[-2 * quarter:-quarter].mean()) if quarter >= 2 else None
+
+
 def combine_repeats(records: list[dict]) -> dict:
-    """An arm's result over its repeats: test Dice, HD95 and best validation Dice averaged; the first
-    repeat's training history (curves, best step) stands for the arm."""
+    """An arm's result over its repeats: test Dice, HD95, best validation Dice and the late
+    validation gain averaged; the first repeat's training history (curves, best step) stands for
+    the arm."""
     return {"dice_mean": float(np.mean([r["dice_mean"] for r in records])),
             "hd95_mean": _mean_defined(r["hd95_mean"] for r in records),
             "best_val_dice": float(np.mean([max(v for _, v in r["history"]["val_dice"]) for r in records])),
+            "late_val_gain": _mean_defined(late_validation_gain(r["history"]) for r in records),
             "repeats": [r["dice_mean"] for r in records], "history": records[0]["history"],
             "seconds": round(sum(r["seconds"] for r in records), 2),
             "peak_memory_mb": records[-1]["peak_memory_mb"]}
@@ -690,6 +702,8 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
         dice = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
         report[arm] = {**_summary(dice),
                        "hd95_mean": _mean_defined(per_seed[s]["arms"][arm]["hd95_mean"] for s in seeds),
+                       "late_val_gain_mean": _mean_defined(per_seed[s]["arms"][arm].get("late_val_gain")
+                                                           for s in seeds),
                        "per_seed": [{"seed": s, "dice": per_seed[s]["arms"][arm]["dice_mean"],
                                      "hd95": per_seed[s]["arms"][arm]["hd95_mean"],
                                      "repeats": per_seed[s]["arms"][arm]["repeats"],
@@ -754,13 +768,21 @@ def report_markdown(report: dict, arms: list[str]) -> str:
              f"unlabeled pool for the backbone: {'on' if settings['unlabeled_pool_used'] else 'off'}; "
              f"{settings['seg_repeats']} segmenter(s) per arm and seed ({settings['segmenter']['lr_schedule']} "
              "learning rate), Dice averaged.", "",
-             "| arm | Dice mean | Dice sd | HD95 mean (px) | per seed |", "|---|---|---|---|---|"]
+             "| arm | Dice mean | Dice sd | HD95 mean (px) | late validation gain (points) | per seed |",
+             "|---|---|---|---|---|---|"]
     for arm in arms:
         row = report[arm]
         seeds = ", ".join(_number(s["dice"]) for s in row["per_seed"])
+        gain = row["late_val_gain_mean"]
         lines.append(f"| {arm} | {_number(row['dice_mean'])} | {_number(row['dice_sd'])} | "
-                     f"{_number(row['hd95_mean'], 1)} | {seeds} |")
-    lines.append("")
+                     f"{_number(row['hd95_mean'], 1)} | {_number(None if gain is None else gain * 100, 2)} | {seeds} |")
+    lines += ["", "Late validation gain: mean validation Dice over the last quarter of the budget minus the "
+              f"quarter before; near 0 when an arm has plateaued, clearly above it (> {PLATEAU_POINTS} point) "
+              "when more --seg-epochs would still help.", ""]
+    unsettled = [arm for arm in arms if (report[arm]["late_val_gain_mean"] or 0.0) * 100 > PLATEAU_POINTS]
+    if unsettled:
+        lines += [f"**Not plateaued:** {', '.join(unsettled)} still gained on validation late in training; "
+                  "raise --seg-epochs so that every arm converges before comparing them.", ""]
     if "delta_dice_mean" in report:
         interval = report["delta_dice_ci95"]
         lines.append(f"Delta Dice (real + synthetic - real only): {_number(report['delta_dice_mean'] * 100, 2)} "

@@ -15,7 +15,8 @@ from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
-                                   load_segmenter, memorization_rate, pair_dice)
+                                   late_validation_gain, load_segmenter, memorization_rate, pair_dice,
+                                   report_markdown)
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -84,6 +85,12 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
         assert [row["steps_run"] for row in report[arm]["per_seed"]] == \
             [2 * row["steps_run"] for row in report["real_only"]["per_seed"]]
     assert report["settings"]["unlabeled_pool_used"] is True and report["settings"]["k"] == 2
+    assert report["real_only"]["late_val_gain_mean"] is None  # 4 validation checks: too few to tell
+    arms = ["real_only", "real_plus_synthetic"]
+    assert "Not plateaued" not in report_markdown(report, arms)
+    rising = {**report, "real_plus_synthetic": {**report["real_plus_synthetic"], "late_val_gain_mean": 0.012}}
+    assert "| 1.20 |" in report_markdown(rising, arms)
+    assert "**Not plateaued:** real_plus_synthetic still gained" in report_markdown(rising, arms)
     assert [row["copy_paste_qa"] for row in report["per_seed_synthetic"]] == [None, None]  # run with --qa off
     assert "copy-paste pairs: not filtered (no QA reference)" in (tmp_path / "a" / "report.md").read_text()
     subsets = [json.loads((tmp_path / "a" / f"seed_{s}" / "subset.json").read_text()) for s in (0, 1)]
@@ -275,6 +282,14 @@ class _BrightJudge(torch.nn.Module):
 
     def forward(self, images):
         return self.scale * (images - 0.5)
+
+
+def test_late_validation_gain_compares_the_last_two_quarters_of_the_checks():
+    rising = {"val_dice": [[step, 0.5 + 0.01 * step] for step in range(8)]}  # quarters (4, 5) vs (6, 7)
+    assert late_validation_gain(rising) == pytest.approx(0.02)
+    flat_end = {"val_dice": [[step, min(step, 4) / 10] for step in range(12)]}
+    assert late_validation_gain(flat_end) == pytest.approx(0.0)
+    assert late_validation_gain({"val_dice": [[step, 0.5] for step in range(7)]}) is None
 
 
 def test_faithful_pairs_are_those_whose_generated_lesion_the_judge_finds():
