@@ -31,9 +31,9 @@ from .masks import dilate
 from .outputs import atomic_file, partial_dir, write_json
 from .progress import Progress
 from .quality import QualityFilter
-from .segmenter import (AUGMENTATION_RECIPE, LR_SCHEDULES, SegmenterSettings, batch_shares, build_model,
-                        dice_per_image, encoder_features, hd95_per_image, planes_to_tensor, predict,
-                        train_segmenter)
+from .segmenter import (AUGMENTATION_RECIPE, SETTING_NAMES, SegmenterSettings, batch_shares, build_model,
+                        check_settings, dice_per_image, encoder_features, hd95_per_image, planes_to_tensor,
+                        predict, train_segmenter)
 from .slicing import choose_axis, slice_stack, to_channels
 
 # arm name -> (augmentation, extra pairs mixed into each batch)
@@ -548,13 +548,8 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError("--arms must include real_only (the baseline and the faithfulness judge).")
     if min(settings.seeds, settings.synthetic_per_real, settings.seg_epochs, settings.seg_repeats) <= 0:
         raise MedDiffFTError("--seeds, --synthetic-per-real, --seg-epochs and --seg-repeats must be positive.")
-    if not 0.0 <= settings.segmenter.synthetic_fraction < 1.0:
-        raise MedDiffFTError(f"--synthetic-fraction must be in [0, 1); got {settings.segmenter.synthetic_fraction}.")
-    if not 0.0 <= settings.segmenter.synthetic_until <= 1.0:
-        raise MedDiffFTError(f"--synthetic-until must be in [0, 1]; got {settings.segmenter.synthetic_until}.")
-    if settings.segmenter.lr_schedule not in LR_SCHEDULES:
-        raise MedDiffFTError(f"--seg-lr-schedule {settings.segmenter.lr_schedule}: use one of "
-                             f"{', '.join(LR_SCHEDULES)}.")
+    check_settings(settings.segmenter, {**SETTING_NAMES, "synthetic_fraction": "--synthetic-fraction",
+                                        "synthetic_until": "--synthetic-until", "lr_schedule": "--seg-lr-schedule"})
     if not 0.0 <= settings.faithful_min_dice <= 1.0:
         raise MedDiffFTError(f"--faithful-min-dice must be in [0, 1]; got {settings.faithful_min_dice}.")
     batch_shares(settings.segmenter)

@@ -162,6 +162,22 @@ def augment(images: torch.Tensor, masks: torch.Tensor,
     return images, masks
 
 
+# how a caller's user knows each checked setting (`evaluate` passes its CLI flags)
+SETTING_NAMES = {"synthetic_fraction": "The synthetic fraction", "synthetic_until": "The synthetic share of the steps",
+                 "lr_schedule": "segmenter learning-rate schedule", "augmentation": "segmenter augmentation"}
+
+
+def check_settings(settings: SegmenterSettings, names: dict[str, str] = SETTING_NAMES) -> None:
+    """Refuse a setting out of its range before any work, naming it as ``names`` says."""
+    if not 0.0 <= settings.synthetic_fraction < 1.0:
+        raise MedDiffFTError(f"{names['synthetic_fraction']} must be in [0, 1); got {settings.synthetic_fraction}.")
+    if not 0.0 <= settings.synthetic_until <= 1.0:
+        raise MedDiffFTError(f"{names['synthetic_until']} must be in [0, 1]; got {settings.synthetic_until}.")
+    for name, allowed in (("lr_schedule", LR_SCHEDULES), ("augmentation", AUGMENTATIONS)):
+        if getattr(settings, name) not in allowed:
+            raise MedDiffFTError(f"Unknown {names[name]} {getattr(settings, name)!r}; use one of {', '.join(allowed)}.")
+
+
 def batch_shares(settings: SegmenterSettings) -> tuple[int, int]:
     """(real, synthetic) pairs in each batch when synthetic pairs are mixed in."""
     synthetic = round(settings.batch_size * settings.synthetic_fraction)
@@ -195,16 +211,7 @@ def train_segmenter(images: torch.Tensor, masks: torch.Tensor, settings: Segment
             synthetic = None
     if validation is not None:
         _check_pairs(*validation, "validation")
-    if not 0.0 <= settings.synthetic_fraction < 1.0:
-        raise MedDiffFTError(f"The synthetic fraction must be in [0, 1); got {settings.synthetic_fraction}.")
-    if not 0.0 <= settings.synthetic_until <= 1.0:
-        raise MedDiffFTError(f"The synthetic share of the steps must be in [0, 1]; got {settings.synthetic_until}.")
-    if settings.lr_schedule not in LR_SCHEDULES:
-        raise MedDiffFTError(f"Unknown segmenter learning-rate schedule {settings.lr_schedule!r}; use one of "
-                             f"{', '.join(LR_SCHEDULES)}.")
-    if settings.augmentation not in AUGMENTATIONS:
-        raise MedDiffFTError(f"Unknown segmenter augmentation {settings.augmentation!r}; use one of "
-                             f"{', '.join(AUGMENTATIONS)}.")
+    check_settings(settings)
     generator = torch.Generator().manual_seed(settings.seed)
     real_per_batch, synthetic_per_batch = (batch_shares(settings) if synthetic is not None
                                            else (settings.batch_size, 0))

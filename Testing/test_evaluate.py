@@ -205,7 +205,7 @@ def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
         evaluate(split, tmp_path / "out", "--synthetic-fraction", "0.9")
     with pytest.raises(MedDiffFTError, match=r"--synthetic-until must be in \[0, 1\]; got -0.5"):
         evaluate(split, tmp_path / "out", "--synthetic-until", "-0.5")
-    with pytest.raises(MedDiffFTError, match=r"--seg-lr-schedule cosine: use one of constant, poly"):
+    with pytest.raises(MedDiffFTError, match=r"Unknown --seg-lr-schedule 'cosine'; use one of constant, poly"):
         evaluate(split, tmp_path / "out", "--seg-lr-schedule", "cosine")
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
