@@ -7,13 +7,16 @@ subset is its seed, which must occur in one folder only. Prints, per
 subset, the test and validation Dice of both arms, then the delta's mean +- sd, its paired t-test
 and how many subsets gained (the validation delta is what a setting is judged on; test is only
 reported). With --versus, two generators are compared on the subsets both hold (same real-only
-arm): the synthetic arm of FOLDERS minus that of the --versus folders. Where arms have several
+arm): the synthetic arm of FOLDERS minus that of the --versus folders. With --baseline, the
+real-only arm comes from other folders (e.g. one trained for more epochs, for an equal-steps
+comparison; also --arm real_only with --versus compares two real-only budgets). Where arms have several
 repeats (--seg-repeats), it also prints how far one segmenter seed lies from its subset's mean;
 --repeats N pools only the first N.
 
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1p /tmp/busi_eval/run_v1p2 \\
         --versus /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
+    .venv/bin/python bench/pool_subsets.py .busi/run_keep --baseline .busi/run_e2000
 """
 
 from __future__ import annotations
@@ -80,11 +83,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="evaluation folders")
     parser.add_argument("--versus", type=Path, nargs="+", help="another generator's folders, same subsets")
+    parser.add_argument("--baseline", type=Path, nargs="+", help="folders whose real_only arm is the baseline "
+                                                                   "(default: FOLDERS)")
     parser.add_argument("--arm", default="real_plus_synthetic")
     parser.add_argument("--repeats", type=int, help="average only each arm's first N segmenter repeats "
                                                      "(default: all in the folders)")
     args = parser.parse_args()
-    results = {arm: arm_results(args.folders, arm, args.repeats) for arm in ("real_only", args.arm)}
+    results = {"real_only": arm_results(args.baseline or args.folders, "real_only", args.repeats),
+               args.arm: arm_results(args.folders, args.arm, args.repeats)}
     real, extra = (scores(results[arm]) for arm in ("real_only", args.arm))
     seeds = sorted(set(real) & set(extra))
     print("subset  real only (test, val)  with synthetic (test, val)  delta test, val (points)")
@@ -97,6 +103,9 @@ def main() -> None:
         seed_noise(arm, list(runs.values()))
     paired = [(repeats[args.arm][s], repeats["real_only"][s]) for s in seeds]
     seed_noise("delta", [e[:len(r)] - r[:len(e)] for e, r in paired])  # repeat r of both arms shares its seed
+    late = {arm: np.mean([found[s]["late_val_gain"] for s in seeds]) * 100 for arm, found in results.items()}
+    print("late validation gain (last quarter of the budget minus the quarter before), points: "
+          + ", ".join(f"{arm} {gain:+.2f}" for arm, gain in late.items()))
     real_test = np.array([real[s][0] for s in seeds])
     print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
     describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
