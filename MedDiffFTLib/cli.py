@@ -332,9 +332,13 @@ def _add_evaluate(commands) -> None:
                                "pasted into other labeled cases, judged by the generation's QA) "
                                "(default: real_only,real_plus_synthetic)")
     evaluate.add_argument("--seg-epochs", type=int, default=1000,
-                          help="segmenter budget in passes over the K cases' slices (arms that mix in "
-                               "extra pairs get the steps to make the same passes); the best-validation "
+                          help="segmenter budget in passes over the K cases' slices; the best-validation "
                                "checkpoint is kept (default 1000)")
+    evaluate.add_argument("--seg-budget", default="same-steps", metavar="same-steps|same-passes",
+                          help="same-steps (default): every arm trains for the steps a mixed arm needs to make "
+                               "--seg-epochs passes over the real cases, so a gain is not merely longer "
+                               "training; same-passes: each arm makes those passes in its own steps (a mixed "
+                               "arm trains longer)")
     evaluate.add_argument("--seg-patience", type=int, default=0,
                           help="stop after this many validations (40 per budget) without gain; 0 = never, "
                                "keep the best-validation checkpoint of the whole budget (default 0: with "
@@ -830,7 +834,8 @@ def command_evaluate(args, progress: Progress) -> dict:
                                 first_seed=args.seed, validation_cases=args.validation_cases,
                                 unlabeled_pool=args.unlabeled_pool == "on",
                                 arms=[arm.strip() for arm in args.arms.split(",") if arm.strip()],
-                                seg_epochs=args.seg_epochs, seg_repeats=args.seg_repeats,
+                                seg_epochs=args.seg_epochs, seg_budget=args.seg_budget,
+                                seg_repeats=args.seg_repeats,
                                 faithful_min_dice=args.faithful_min_dice, segmenter=segmenter,
                                 run_args=run_args, device=args.device)
     out = Path(args.out)

@@ -81,11 +81,16 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
     for key in ("paired_p_value", "frd", "kid", "faithfulness_ratio", "memorization_rate", "settings", "timings"):
         assert key in report
     assert report["background_preservation"] == 1.0  # compact backbone: exact outside mask + seam
-    for arm in ("real_plus_synthetic", "real_plus_copy_paste"):  # half of each batch is real: twice the steps
+    for arm in ("real_only", "real_no_aug", "real_plus_copy_paste"):  # --seg-budget same-steps: a mixed arm's
         assert [row["steps_run"] for row in report[arm]["per_seed"]] == \
-            [2 * row["steps_run"] for row in report["real_only"]["per_seed"]]
+            [row["steps_run"] for row in report["real_plus_synthetic"]["per_seed"]]
+    assert "every arm trained for the same steps (--seg-budget same-steps)" in \
+        (tmp_path / "a" / "report.md").read_text()
     assert report["settings"]["unlabeled_pool_used"] is True and report["settings"]["k"] == 2
-    assert report["real_only"]["late_val_gain_mean"] is None  # 4 validation checks: too few to tell
+    histories = [json.loads((tmp_path / "a" / f"seed_{s}" / "real_only.json").read_text())["history"] for s in (0, 1)]
+    assert len(histories[0]["val_dice"]) == 8  # two quarters of two checks
+    assert report["real_only"]["late_val_gain_mean"] == pytest.approx(np.mean([late_validation_gain(h)
+                                                                               for h in histories]))
     arms = ["real_only", "real_plus_synthetic"]
     assert "Not plateaued" not in report_markdown(report, arms)
     rising = {**report, "real_plus_synthetic": {**report["real_plus_synthetic"], "late_val_gain_mean": 0.012}}
@@ -131,21 +136,24 @@ def test_an_interrupted_evaluation_continues_where_it_stopped(split, tmp_path, m
     evaluate(split, out, "--synthetic-fraction", "0.4")  # only the mixed arm uses the fraction
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained
     assert (out / "seed_0" / "real_plus_synthetic.json").stat().st_mtime_ns != mixed
-    evaluate(split, out, "--synthetic-fraction", "0.4", "--synthetic-until", "0.5")  # a curriculum: the mixed arm
-    assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained
+    curriculum_args = ("--synthetic-fraction", "0.4", "--synthetic-until", "0.5")
+    evaluate(split, out, *curriculum_args)  # a curriculum: fewer mixed steps, and real only's as many
     curriculum = json.loads((out / "seed_0" / "real_plus_synthetic.json").read_text())
-    # real only: 4 steps x 2 real pairs; the curriculum: 3 mixed steps x 1 + 3 real-only steps x 2 (8, rounded up)
+    # 4 passes x 2 real pairs: 3 mixed steps x 1 + 3 real-only steps x 2 (8, rounded up)
     assert curriculum["key"]["segmenter"]["synthetic_until"] == 0.5 and len(curriculum["history"]["loss"]) == 6
+    assert len(json.loads((out / "seed_0" / "real_only.json").read_text())["history"]["loss"]) == 6
     assert "0.4 of each batch in the first 0.5 of its steps" in (out / "report.md").read_text()
+    trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
     with monkeypatch.context() as patch:  # segmenters trained with another augmentation recipe are not reused
         patch.setattr("MedDiffFTLib.evaluate.AUGMENTATION_RECIPE", -1)
-        evaluate(split, out, "--synthetic-fraction", "0.4")
+        evaluate(split, out, *curriculum_args)
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
     trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
     evaluate(split, out, "--seg-epochs", "3")  # new segmenter inputs: the arms are redone, not the generation
     assert (out / "seed_0" / "generation" / "manifest.json").stat().st_mtime_ns == generated
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns != trained
-    assert len(json.loads((out / "seed_0" / "real_only.json").read_text())["history"]["loss"]) == 3 * 2 // 2
+    # 3 passes x 2 real pairs at 1 real pair per mixed batch: every arm 6 steps
+    assert len(json.loads((out / "seed_0" / "real_only.json").read_text())["history"]["loss"]) == 3 * 2 // 1
     trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
     evaluate(split, out, "--seg-epochs", "3", "--seg-lr-schedule", "poly")  # the decay is in every arm's key
     poly = json.loads((out / "seed_0" / "real_only.json").read_text())
@@ -158,11 +166,14 @@ def test_segmenter_repeats_average_their_dice_and_keep_the_first_repeat_s_record
     """--seg-repeats R trains each arm R times with their own segmenter seeds and averages the Dice;
     repeat 0 is the arm's plain record, so a folder from before repeats (or with fewer) is reused."""
     out = tmp_path / "run"
-    evaluate(split, out, "--seeds", "1")
+    evaluate(split, out, "--seeds", "1", "--seg-budget", "same-passes")
     before = json.loads((out / "report.json").read_text())
+    # same passes over the real cases: half of each mixed batch is real, so twice the real-only steps
+    steps = {arm: before[arm]["per_seed"][0]["steps_run"] for arm in ("real_only", "real_plus_synthetic")}
+    assert steps["real_plus_synthetic"] == 2 * steps["real_only"]
     single = before["real_only"]["per_seed"][0]
     trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
-    evaluate(split, out, "--seeds", "1", "--seg-repeats", "2")
+    evaluate(split, out, "--seeds", "1", "--seg-repeats", "2", "--seg-budget", "same-passes")
     assert (out / "seed_0" / "real_only.json").stat().st_mtime_ns == trained  # repeat 0 reused
     records = [json.loads((out / "seed_0" / name).read_text()) for name in ("real_only.json",
                                                                              "real_only.repeat1.json")]
@@ -207,6 +218,8 @@ def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
         evaluate(split, tmp_path / "out", "--synthetic-until", "-0.5")
     with pytest.raises(MedDiffFTError, match=r"Unknown --seg-lr-schedule 'cosine'; use one of constant, poly"):
         evaluate(split, tmp_path / "out", "--seg-lr-schedule", "cosine")
+    with pytest.raises(MedDiffFTError, match=r"Unknown --seg-budget 'longer'; use one of same-steps, same-passes"):
+        evaluate(split, tmp_path / "out", "--seg-budget", "longer")
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

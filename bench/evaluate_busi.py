@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=64, help="segmenter px")
     parser.add_argument("--seg-epochs", type=int, default=1000,
                         help="real-only validation Dice still rose at 400 (best steps near the end)")
+    parser.add_argument("--seg-budget", default="same-steps",
+                        help="same-steps: every arm the mixed arm's steps (the README's rows before 2026-12-07 "
+                             "used same-passes, where the mixed arm trained twice as long)")
     parser.add_argument("--run-args", default="--resolution 64 --scale fit --train-steps 800 --pretrain-steps 400 "
                                               "--batch-size 4 --samples 4 --qa-keep 2 --old-lesion keep")
     parser.add_argument("--arms", default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = ["evaluate", "--train", str(train), "--test", str(test), "--out", str(work / args.run_dir),
             "--k", str(args.k), "--seeds", str(args.seeds), "--seed", str(args.first_seed), "--validation-cases", "20",
             "--resolution", str(args.resolution), "--seg-epochs", str(args.seg_epochs),
+            "--seg-budget", args.seg_budget,
             "--synthetic-per-real", "2", "--run-args", args.run_args, "--arms", args.arms,
             "--unlabeled-pool", args.unlabeled_pool, "--device", args.device,
             "--synthetic-fraction", args.synthetic_fraction, "--synthetic-until", args.synthetic_until,
