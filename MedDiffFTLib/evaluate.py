@@ -41,7 +41,7 @@ ARMS = {"real_no_aug": ("none", None), "real_only": ("strong", None),
         "real_plus_synthetic": ("strong", "synthetic"), "real_plus_copy_paste": ("strong", "copy_paste")}
 MEMORIZATION_NCC = 0.95
 SEG_BUDGETS = ("same-steps", "same-passes")  # how the arms' step budgets compare (arm_budgets)
-PLATEAU_POINTS = 1.0  # a late validation gain above this many Dice points: the arm has not plateaued
+PLATEAU_POINTS = 0.5  # a late validation gain above this many Dice points: the arm may not have plateaued
 # Segmenter settings added after evaluation folders existed: a unit's key leaves them out at these
 # values (what every older unit trained with), so those units stay valid.
 UNKEYED_DEFAULTS = {"synthetic_until": 1.0, "lr_schedule": "constant"}
@@ -782,12 +782,13 @@ def report_markdown(report: dict, arms: list[str]) -> str:
         lines.append(f"| {arm} | {_number(row['dice_mean'])} | {_number(row['dice_sd'])} | "
                      f"{_number(row['hd95_mean'], 1)} | {_number(None if gain is None else gain * 100, 2)} | {seeds} |")
     lines += ["", "Late validation gain: mean validation Dice over the last quarter of the budget minus the "
-              f"quarter before; near 0 when an arm has plateaued, clearly above it (> {PLATEAU_POINTS} point) "
-              "when more --seg-epochs would still help.", ""]
-    unsettled = [arm for arm in arms if (report[arm]["late_val_gain_mean"] or 0.0) * 100 > PLATEAU_POINTS]
-    if unsettled:
-        lines += [f"**Not plateaued:** {', '.join(unsettled)} still gained on validation late in training; "
-                  "raise --seg-epochs so that every arm converges before comparing them.", ""]
+              "quarter before; about 0 once an arm has plateaued.", ""]
+    rising = [arm for arm in arms if (report[arm]["late_val_gain_mean"] or 0.0) * 100 > PLATEAU_POINTS]
+    if rising:
+        lines += [f"**Still rising:** {', '.join(rising)} gained more than {PLATEAU_POINTS} point on validation in "
+                  "the last quarter of its budget; more --seg-epochs may raise it (on BUSI a real-only "
+                  "segmenter whose last quarter gained 1 point gained 1.3 points of test Dice when its budget "
+                  "doubled), so compare the arms again with a larger budget.", ""]
     if "delta_dice_mean" in report:
         interval = report["delta_dice_ci95"]
         lines.append(f"Delta Dice (real + synthetic - real only): {_number(report['delta_dice_mean'] * 100, 2)} "
