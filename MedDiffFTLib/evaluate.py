@@ -704,8 +704,7 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
         dice = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
         report[arm] = {**_summary(dice),
                        "hd95_mean": _mean_defined(per_seed[s]["arms"][arm]["hd95_mean"] for s in seeds),
-                       "late_val_gain_mean": _mean_defined(per_seed[s]["arms"][arm].get("late_val_gain")
-                                                           for s in seeds),
+                       "late_val_gain_mean": _mean_defined(per_seed[s]["arms"][arm]["late_val_gain"] for s in seeds),
                        "per_seed": [{"seed": s, "dice": per_seed[s]["arms"][arm]["dice_mean"],
                                      "hd95": per_seed[s]["arms"][arm]["hd95_mean"],
                                      "repeats": per_seed[s]["arms"][arm]["repeats"],
