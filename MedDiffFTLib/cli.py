@@ -329,8 +329,15 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--arms", default="real_only,real_plus_synthetic",
                           help="comma-separated arms: real_only (strong augmentation), "
                                "real_plus_synthetic, real_no_aug, real_plus_copy_paste (labeled lesions "
-                               "pasted into other labeled cases, judged by the generation's QA) "
-                               "(default: real_only,real_plus_synthetic)")
+                               "pasted into other labeled cases, judged by the generation's QA), "
+                               "real_plus_pseudo_labels (the pool images the real-only segmenters agree on, "
+                               "with their pseudo-labels: self-training, what --backgrounds pool's pairs hold "
+                               "before anything is painted) (default: real_only,real_plus_synthetic)")
+    evaluate.add_argument("--backgrounds", default="labeled", metavar="labeled|pool",
+                          help="what the synthetic arm's new lesions are painted into: labeled (default; the "
+                               "K labeled cases) or pool (the unlabeled pool images whose lesion the real-only "
+                               "segmenters, --seg-repeats 2 or more, agree on, under that pseudo-label; with "
+                               "--old-lesion keep in --run-args it stays beside the new lesion)")
     evaluate.add_argument("--seg-epochs", type=int, default=1000,
                           help="segmenter budget in passes over the K cases' slices; the best-validation "
                                "checkpoint is kept (default 1000)")
@@ -415,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mask_generator(run)
     _add_sampling(run)
     _add_quality(run, reference=True, filtering=True)
+    run.add_argument("--paint-into", metavar="CSV",
+                     help="cases (image,label) to generate from instead of the fine-tuning cases, "
+                          "e.g. unlabeled images whose lesion a segmenter marked (with --old-lesion "
+                          "keep it stays under its label); default: the fine-tuning cases")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")
     run.add_argument("--resume", action="store_true",
                      help="keep an interrupted run's work in .OUT.partial next to OUT and continue "
@@ -697,9 +708,11 @@ def command_sample(args, progress: Progress) -> dict:
 
 
 def command_run(args, progress: Progress) -> dict:
+    from .caseio import read_cases_csv
     from .outputs import staged_dir
 
     cases = _read_inputs(args)
+    targets = [_read_pair(args, pair) for pair in read_cases_csv(args.paint_into)] if args.paint_into else cases
     unlabeled = _read_unlabeled(args)
     _sample_settings(args)
     out = Path(args.out)
@@ -711,7 +724,7 @@ def command_run(args, progress: Progress) -> dict:
                 leftover.unlink()
         # checkpoints stay until the run succeeds, so an interrupted sampling resumes the fine-tune
         _finetune(args, progress, tmp / "model", cases, unlabeled, keep_checkpoints=args.resume)
-        result = _sample_into(tmp, tmp / "model", cases, args, progress, out / "model")
+        result = _sample_into(tmp, tmp / "model", targets, args, progress, out / "model")
         shutil.rmtree(tmp / "model" / "checkpoints", ignore_errors=True)
     return {"out": str(out), "model": str(out / "model"), **result, "preview": str(out / "preview.png")}
 
@@ -836,7 +849,8 @@ def command_evaluate(args, progress: Progress) -> dict:
                                 arms=[arm.strip() for arm in args.arms.split(",") if arm.strip()],
                                 seg_epochs=args.seg_epochs, seg_budget=args.seg_budget,
                                 seg_repeats=args.seg_repeats,
-                                faithful_min_dice=args.faithful_min_dice, segmenter=segmenter,
+                                faithful_min_dice=args.faithful_min_dice, backgrounds=args.backgrounds,
+                                segmenter=segmenter,
                                 run_args=run_args, device=args.device)
     out = Path(args.out)
     report = evaluate(args.train, args.test, out, settings, progress=progress, overwrite=args.overwrite)

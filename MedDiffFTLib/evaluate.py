@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from .caseio import Case, cast_like, read_case, read_cases_csv
+from .caseio import Case, cast_like, output_suffix, read_case, read_cases_csv, write_array
 from .errors import MedDiffFTError
 from .generate import Sample
 from .masks import dilate
@@ -38,7 +40,13 @@ from .slicing import choose_axis, slice_stack, to_channels
 
 # arm name -> (augmentation, extra pairs mixed into each batch)
 ARMS = {"real_no_aug": ("none", None), "real_only": ("strong", None),
-        "real_plus_synthetic": ("strong", "synthetic"), "real_plus_copy_paste": ("strong", "copy_paste")}
+        "real_plus_synthetic": ("strong", "synthetic"), "real_plus_copy_paste": ("strong", "copy_paste"),
+        "real_plus_pseudo_labels": ("strong", "pseudo_labels")}
+BACKGROUNDS = ("labeled", "pool")  # what the synthetic arm's new lesions are painted into (--backgrounds)
+# The real-only segmenters' Dice with each other that a pool image needs to get a pseudo-label; set
+# before the BUSI run, not tuned (K=20: 26-51 of 100 pool images, their Dice against the withheld
+# true labels 0.74-0.84 on average)
+PSEUDO_MIN_AGREEMENT = 0.8
 MEMORIZATION_NCC = 0.95
 SEG_BUDGETS = ("same-steps", "same-passes")  # how the arms' step budgets compare (arm_budgets)
 PLATEAU_POINTS = 0.5  # a late validation gain above this many Dice points: the arm may not have plateaued
@@ -61,6 +69,7 @@ class EvaluateSettings:
     seg_budget: str = "same-steps"  # every arm the steps a mixed arm needs for those passes | "same-passes"
     seg_repeats: int = 1          # segmenters per arm and seed, each with its own seed; Dice averaged
     faithful_min_dice: float = 0.0  # synthetic pairs the real-only segmenter finds at this Dice; 0 = all
+    backgrounds: str = "labeled"  # paint into the K labeled cases | the pseudo-labeled pool images
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     run_args: list[str] = field(default_factory=list)  # forwarded to `meddiffft run`
     device: str = "auto"
@@ -296,6 +305,30 @@ def faithful_pairs(per_pair: np.ndarray, min_dice: float) -> list[int]:
     return [i for i, value in enumerate(per_pair) if min_dice <= 0 or value >= min_dice]
 
 
+def pseudo_label(judges: list[torch.nn.Module], case: Case, resolution: int) -> np.ndarray | None:
+    """A 2D case's lesion where the real-only segmenters (one per --seg-repeats) agree: their mean
+    logit, upsampled to the image, cut to its largest component, holes filled (bool, the case's
+    layout); None where their own masks agree at a Dice below PSEUDO_MIN_AGREEMENT or find nothing.
+    A pool image so labeled is a background whose own lesion can be kept under a label
+    (--backgrounds pool)."""
+    from scipy import ndimage
+
+    device = next(judges[0].parameters()).device
+    with torch.no_grad():
+        logits = torch.cat([judge(planes_to_tensor([case.image[0]], resolution).to(device)).cpu()
+                            for judge in judges])
+    masks = logits > 0
+    agreement = np.mean([dice_per_image(masks[i:i + 1], masks[j:j + 1])[0]
+                         for i, j in itertools.combinations(range(len(judges)), 2)])
+    native = F.interpolate(logits.mean(0, keepdim=True), size=case.image.shape[1:3], mode="bilinear",
+                           align_corners=False)[0, 0].numpy() > 0
+    if agreement < PSEUDO_MIN_AGREEMENT or not native.any():
+        return None
+    components, count = ndimage.label(native)
+    largest = components == 1 + int(np.argmax(ndimage.sum_labels(native, components, range(1, count + 1))))
+    return ndimage.binary_fill_holes(largest)[None]
+
+
 def background_preservation(generation_dir: Path, entries: list[dict]) -> float | None:
     """Share of pixels farther than the seam from the synthetic lesion (and from the old lesion,
     which a moved mask heals) that equal the background image exactly (1.0 = untouched)."""
@@ -366,13 +399,25 @@ def _write_csv(path: Path, rows: list[tuple[str, str | None]], *, labels: bool =
             writer.writerow([os.path.abspath(image), os.path.abspath(label)] if labels else [os.path.abspath(image)])
 
 
-def _run_argv(seed_dir: Path, seed: int, settings: EvaluateSettings, unlabeled: bool) -> list[str]:
+def _run_argv(seed_dir: Path, seed: int, settings: EvaluateSettings, unlabeled: bool,
+              paint_into: Path | None = None, targets: int = 0) -> list[str]:
+    """The generation's `meddiffft run` call. With ``paint_into`` (``targets`` pseudo-labeled pool
+    images) the samples and --qa-keep per image are scaled so that the candidates and the kept pairs
+    number about what K labeled backgrounds would give (rounded up)."""
     argv = ["run", "--cases", str(seed_dir / "labeled.csv"), "--out", str(seed_dir / "generation"),
             "--samples", str(settings.synthetic_per_real), "--seed", str(seed), "--device", settings.device,
             "--progress", "none", "--resume"]
     if unlabeled:
         argv += ["--unlabeled-cases", str(seed_dir / "unlabeled.csv")]
-    return argv + list(settings.run_args)
+    argv += list(settings.run_args)
+    if paint_into is not None:
+        from .cli import build_parser
+
+        chosen = build_parser().parse_args(argv)
+        argv += ["--paint-into", str(paint_into), "--samples", str(math.ceil(chosen.samples * settings.k / targets))]
+        if chosen.qa_keep:
+            argv += ["--qa-keep", str(math.ceil(chosen.qa_keep * settings.k / targets))]
+    return argv
 
 
 def _generation_weight(argv: list[str], k: int) -> int:
@@ -439,7 +484,7 @@ def _unit_done(path: Path, key: dict) -> bool:
 
 
 def _generate(seed_dir: Path, seed: int, key: dict, rows: dict, settings: EvaluateSettings, unlabeled_on: bool,
-              bar: _Bar, weight: int) -> list[dict]:
+              bar: _Bar, weight: int, paint_into: Path | None = None, targets: int = 0) -> list[dict]:
     """Fine-tune and generate through `meddiffft run --resume` (skipped when done with the same
     inputs; an interrupted one continues its fine-tune from the last checkpoint); returns the
     manifest's sample entries."""
@@ -458,11 +503,63 @@ def _generate(seed_dir: Path, seed: int, key: dict, rows: dict, settings: Evalua
         _write_csv(seed_dir / "labeled.csv", rows["labeled"])
         _write_csv(seed_dir / "unlabeled.csv", rows["unlabeled"], labels=False)
         began = _start_unit()
-        run_command(_run_argv(seed_dir, seed, settings, unlabeled_on), on_progress=child.emit)
+        run_command(_run_argv(seed_dir, seed, settings, unlabeled_on, paint_into, targets), on_progress=child.emit)
         write_json(record_path, {"key": key, "seconds": round(time.monotonic() - began, 2),
                                  "peak_memory_mb": _peak_memory_mb()})
     finish()
     return json.loads((generation_dir / "manifest.json").read_text())["samples"]
+
+
+def write_pseudo_labels(judges: list[torch.nn.Module], pool: list[tuple[str, str | None]], folder: Path,
+                        resolution: int) -> tuple[list[tuple[str, str]], list[float]]:
+    """Pseudo-label each pool case (``pseudo_label``) and write the labels into ``folder`` like its
+    image, with folder/cases.csv listing them; returns the (image, pseudo-label) rows and, where the
+    case has its own label, each pseudo-label's Dice against it (a diagnosis: nothing trains on
+    those labels)."""
+    rows, dice = [], []
+    for index, (image, label) in enumerate(pool):
+        case = read_case(image, label, require_label=False)
+        if not case.is_2d:
+            raise MedDiffFTError(f"--backgrounds pool and real_plus_pseudo_labels take 2D cases; {image} is a "
+                                 "volume: use --backgrounds labeled without real_plus_pseudo_labels.")
+        mask = pseudo_label(judges, case, resolution)
+        if mask is None:
+            continue
+        path = folder / f"pool_{index:03d}{output_suffix(case, is_label=True)}"
+        write_array(case, mask.astype(np.uint8), path, is_label=True)
+        rows.append((image, str(path)))
+        if label is not None:
+            dice.append(float(2 * (mask & case.foreground).sum() / (mask.sum() + case.foreground.sum())))
+    _write_csv(folder / "cases.csv", rows)
+    return rows, dice
+
+
+def _pseudo_label_pool(seed_dir: Path, seed: int, pool: list[tuple[str, str]], key: dict, settings: EvaluateSettings,
+                       device: torch.device, bar: _Bar) -> tuple[Path, list[tuple[str, str]], dict]:
+    """Pseudo-label the seed's pool images with its real-only segmenters (skipped when done with the
+    same inputs), labels written to seed_dir/pseudo_labels/; returns their cases CSV, its (image,
+    pseudo-label) rows and the record: counts, and the pseudo-labels' Dice against the pool's own
+    labels, a diagnosis that nothing trains on."""
+    import shutil
+
+    record_path, folder = seed_dir / "pseudo_labels.json", seed_dir / "pseudo_labels"
+    _, finish = bar.unit(len(pool))
+    if not _unit_done(record_path, key):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        judges = [load_segmenter(seed_dir / f"{unit_name('real_only', repeat)}.safetensors", device)
+                  for repeat in range(settings.seg_repeats)]
+        rows, dice = write_pseudo_labels(judges, pool, folder, settings.segmenter.resolution)
+        if not rows:
+            raise MedDiffFTError(f"The real-only segmenters of seed {seed} agree (Dice >= {PSEUDO_MIN_AGREEMENT}) "
+                                 f"on no lesion in the {len(pool)} pool images; raise --seg-epochs, or use "
+                                 "--backgrounds labeled without real_plus_pseudo_labels.")
+        write_json(record_path, {"key": key, "pseudo_labeled": len(rows), "pool": len(pool),
+                                 "pseudo_label_dice": float(np.mean(dice))})
+    finish()
+    record = json.loads(record_path.read_text())
+    return folder / "cases.csv", read_cases_csv(str(folder / "cases.csv")), {k: v for k, v in record.items()
+                                                                             if k != "key"}
 
 
 def arm_budgets(passes_steps: int, settings: EvaluateSettings) -> dict[str, int]:
@@ -560,12 +657,22 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                         "synthetic_until": "--synthetic-until", "lr_schedule": "--seg-lr-schedule"})
     if not 0.0 <= settings.faithful_min_dice <= 1.0:
         raise MedDiffFTError(f"--faithful-min-dice must be in [0, 1]; got {settings.faithful_min_dice}.")
+    if settings.backgrounds not in BACKGROUNDS:
+        raise MedDiffFTError(f"Unknown --backgrounds {settings.backgrounds!r}; use one of {', '.join(BACKGROUNDS)}.")
+    needs_generation = "real_plus_synthetic" in settings.arms
+    needs_pseudo = (needs_generation and settings.backgrounds == "pool") or "real_plus_pseudo_labels" in settings.arms
+    if needs_pseudo and settings.seg_repeats < 2:
+        raise MedDiffFTError("--backgrounds pool and real_plus_pseudo_labels pseudo-label the pool images where the "
+                             "real-only segmenters agree: pass --seg-repeats 2 or more.")
     batch_shares(settings.segmenter)
     split = read_split(train_csv, test_csv, settings)
+    if needs_pseudo and len(split.train) <= settings.k + settings.validation_cases:
+        raise MedDiffFTError(f"--backgrounds pool and real_plus_pseudo_labels need pool images beyond the --k "
+                             f"{settings.k} labeled and {settings.validation_cases} validation cases, but the "
+                             f"training set has {len(split.train)}; lower --k or --validation-cases, or add cases.")
     device = resolve_device(settings.device)
     record = {"train": os.path.abspath(train_csv), "test": os.path.abspath(test_csv), **asdict(settings)}
     seeds = list(range(settings.first_seed, settings.first_seed + settings.seeds))
-    needs_generation = "real_plus_synthetic" in settings.arms
     unlabeled_on = settings.unlabeled_pool and len(split.train) > settings.k + settings.validation_cases
     generation_weight = (_generation_weight(_run_argv(out / "seed", 0, settings, unlabeled_on), settings.k)
                          if needs_generation else 0)
@@ -589,7 +696,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         steps = max(1, math.ceil(settings.seg_epochs * len(real[0]) / settings.segmenter.batch_size))
         plans.append((seed, rows, real, steps))
     total = sum(generation_weight + settings.seg_repeats * sum(arm_budgets(steps, settings).values())
-                for *_, steps in plans)
+                + (len(rows["unlabeled"]) if needs_pseudo else 0) for _, rows, _, steps in plans)
     generation_inputs = {name: record[name] for name in ("train", "test", "k", "validation_cases", "unlabeled_pool",
                                                          "synthetic_per_real", "run_args")}
     per_seed, grid = {}, ()
@@ -603,11 +710,64 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
             extra: dict[str, Pairs] = {}
             timings: dict[str, dict] = {}
             qa_summary: dict[str, dict | None] = {}
+            arms, metrics, keys = {}, {}, {}
             generation_key = {**generation_inputs, "seed": seed}
+
+            def train(arm: str) -> None:
+                pairs_name = ARMS[arm][1]
+                if pairs_name == "synthetic":
+                    judge = load_segmenter(seed_dir / "real_only.safetensors", device)
+                    dice = judged_dice(judge, lesions, kept)
+                    used = faithful_pairs(pair_dice(dice, owner, len(entries)), settings.faithful_min_dice)
+                    if not used:
+                        raise MedDiffFTError(f"No synthetic pair of seed {seed} reaches --faithful-min-dice "
+                                             f"{settings.faithful_min_dice} (the real-only segmenter's best Dice "
+                                             f"on one is {dice.max(initial=0.0):.2f}); lower it.")
+                    extra["synthetic"] = _stack([case_tensors(read_case(str(generation_dir / entries[i]["image"]),
+                                                                        str(generation_dir / entries[i]["label"])),
+                                                              resolution, lesion_slices_only=True) for i in used],
+                                                resolution)
+                    metrics.update(_synthetic_metrics(generation_dir, entries, lesions, dice, real, judge, arms),
+                                   synthetic_pairs_used=len(used))
+                budget = arm_budgets(steps, settings)[arm]
+                segmenter = {name: value for name, value in asdict(settings.segmenter).items()
+                             if name not in UNKEYED_DEFAULTS or value != UNKEYED_DEFAULTS[name]}
+                if pairs_name is None:  # unused without extra pairs: another fraction keeps this arm's result
+                    segmenter.pop("synthetic_fraction")
+                    segmenter.pop("synthetic_until", None)
+                keys[arm] = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
+                             "segmenter": segmenter, "validation_cases": settings.validation_cases,
+                             **({"augmentation_recipe": AUGMENTATION_RECIPE} if ARMS[arm][0] == "strong" else {}),
+                             "train": record["train"], "test": record["test"], "k": settings.k,
+                             **({"generation": generation_key} if pairs_name == "synthetic" else {}),
+                             **({"faithful_min_dice": settings.faithful_min_dice}
+                                if pairs_name == "synthetic" and settings.faithful_min_dice > 0 else {}),
+                             **({"qa_from_generation": generation_key if qa_summary["copy_paste_qa"] else None}
+                                if pairs_name == "copy_paste" else {}),
+                             **({"synthetic_per_real": settings.synthetic_per_real}
+                                if pairs_name in ("synthetic", "copy_paste") else {}),
+                             **({"pseudo_labels": pseudo_key} if pairs_name == "pseudo_labels" else {})}
+                arms[arm] = _train_arm(seed_dir, arm, seed, keys[arm], budget, real, validation, extra, test,
+                                       settings, device, bar)
+                timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
+
+            train("real_only")  # the faithfulness judge, and with several repeats the pseudo-labeler
+            if needs_pseudo:
+                pseudo_key = {"real_only": keys["real_only"], "seg_repeats": settings.seg_repeats,
+                              "min_agreement": PSEUDO_MIN_AGREEMENT}
+                pseudo_csv, pool_rows, metrics["pseudo_labels"] = _pseudo_label_pool(
+                    seed_dir, seed, rows["unlabeled"], pseudo_key, settings, device, bar)
+                extra["pseudo_labels"] = _stack([case_tensors(read_case(image, label), resolution,
+                                                              lesion_slices_only=True) for image, label in pool_rows],
+                                                resolution)
             if needs_generation:
                 generation_dir = seed_dir / "generation"
+                paint_into = None
+                if settings.backgrounds == "pool":
+                    generation_key.update(backgrounds="pool", pseudo_labels=pseudo_key)
+                    paint_into = pseudo_csv
                 entries = _generate(seed_dir, seed, generation_key, rows, settings, unlabeled_on, bar,
-                                    generation_weight)
+                                    generation_weight, paint_into, len(pool_rows) if paint_into else 0)
                 recorded = json.loads((seed_dir / "generation.json").read_text())
                 timings["generation"] = {k: v for k, v in recorded.items() if k != "key"}
                 timings["generation"]["seconds_per_kept_sample"] = (
@@ -625,42 +785,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                               for case in pasted], resolution)
                 qa_summary["copy_paste_qa"] = ({"kept": len(pasted), "candidates": len(qa_scores)}
                                                if quality is not None else None)
-            arms, metrics = {}, {}
-            for arm in sorted(settings.arms, key=lambda name: name != "real_only"):  # real_only judges the pairs
-                pairs_name = ARMS[arm][1]
-                if pairs_name == "synthetic":
-                    judge = load_segmenter(seed_dir / "real_only.safetensors", device)
-                    dice = judged_dice(judge, lesions, kept)
-                    used = faithful_pairs(pair_dice(dice, owner, len(entries)), settings.faithful_min_dice)
-                    if not used:
-                        raise MedDiffFTError(f"No synthetic pair of seed {seed} reaches --faithful-min-dice "
-                                             f"{settings.faithful_min_dice} (the real-only segmenter's best Dice "
-                                             f"on one is {dice.max(initial=0.0):.2f}); lower it.")
-                    extra["synthetic"] = _stack([case_tensors(read_case(str(generation_dir / entries[i]["image"]),
-                                                                        str(generation_dir / entries[i]["label"])),
-                                                              resolution, lesion_slices_only=True) for i in used],
-                                                resolution)
-                    metrics = {**_synthetic_metrics(generation_dir, entries, lesions, dice, real, judge, arms),
-                               "synthetic_pairs_used": len(used)}
-                budget = arm_budgets(steps, settings)[arm]
-                segmenter = {name: value for name, value in asdict(settings.segmenter).items()
-                             if name not in UNKEYED_DEFAULTS or value != UNKEYED_DEFAULTS[name]}
-                if pairs_name is None:  # unused without extra pairs: another fraction keeps this arm's result
-                    segmenter.pop("synthetic_fraction")
-                    segmenter.pop("synthetic_until", None)
-                key = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
-                       "segmenter": segmenter, "validation_cases": settings.validation_cases,
-                       **({"augmentation_recipe": AUGMENTATION_RECIPE} if ARMS[arm][0] == "strong" else {}),
-                       "train": record["train"], "test": record["test"], "k": settings.k,
-                       **({"generation": generation_key} if pairs_name == "synthetic" else {}),
-                       **({"faithful_min_dice": settings.faithful_min_dice}
-                          if pairs_name == "synthetic" and settings.faithful_min_dice > 0 else {}),
-                       **({"qa_from_generation": generation_key if qa_summary["copy_paste_qa"] else None}
-                          if pairs_name == "copy_paste" else {}),
-                       **({"synthetic_per_real": settings.synthetic_per_real} if pairs_name else {})}
-                arms[arm] = _train_arm(seed_dir, arm, seed, key, budget, real, validation, extra, test, settings,
-                                       device, bar)
-                timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
+            for arm in settings.arms:
+                if arm != "real_only":
+                    train(arm)
             grid = grid or (real, extra.get("synthetic"))
             per_seed[seed] = {"arms": {arm: arms[arm] for arm in settings.arms}, "timings": timings, **qa_summary,
                               **metrics}
@@ -803,7 +930,13 @@ def report_markdown(report: dict, arms: list[str]) -> str:
         lines.append(f"- synthetic pairs the segmenter trained on (of those generated; --faithful-min-dice "
                      f"{settings['faithful_min_dice']}): {', '.join(used)}; {mixing['synthetic_fraction']} of "
                      f"each batch in the first {mixing['synthetic_until']} of its steps (--synthetic-fraction, "
-                     "--synthetic-until)")
+                     f"--synthetic-until); painted into the {settings['backgrounds']} images (--backgrounds)")
+    pseudo = [row["pseudo_labels"] for row in report["per_seed_synthetic"] if "pseudo_labels" in row]
+    if pseudo:
+        lines.append("- pool images pseudo-labeled (the real-only segmenters agree at Dice >= "
+                     f"{PSEUDO_MIN_AGREEMENT}): " + ", ".join(f"{p['pseudo_labeled']}/{p['pool']}" for p in pseudo)
+                     + "; their Dice against the pool's own labels (a diagnosis; nothing trains on those labels): "
+                     + ", ".join(_number(p["pseudo_label_dice"]) for p in pseudo))
     if "real_plus_copy_paste" in arms:
         qa = [row.get("copy_paste_qa") for row in report["per_seed_synthetic"]]
         lines.append("- copy-paste pairs: " + ("through the generation's QA (memorization not judged), kept "

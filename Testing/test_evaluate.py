@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
                                    late_validation_gain, load_segmenter, memorization_rate, pair_dice,
-                                   report_markdown)
+                                   pseudo_label, report_markdown)
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -351,6 +352,75 @@ def test_faithful_min_dice_retrains_only_the_synthetic_arm_on_the_pairs_the_judg
         evaluate(split, out, "--seeds", "1", "--faithful-min-dice", "1")
     with pytest.raises(MedDiffFTError, match=r"--faithful-min-dice must be in \[0, 1\]; got 1.5"):
         evaluate(split, out, "--seeds", "1", "--faithful-min-dice", "1.5")
+
+
+class _ConstantJudge(torch.nn.Module):
+    """A stand-in segmenter that finds everything (``logit`` > 0) or nothing."""
+
+    def __init__(self, logit: float):
+        super().__init__()
+        self.logit = torch.nn.Parameter(torch.tensor(logit))
+
+    def forward(self, images):
+        return self.logit.expand_as(images)
+
+
+def test_pseudo_label_is_where_the_segmenters_agree_cut_to_the_largest_lesion_on_the_image_grid(tmp_path):
+    from PIL import Image
+
+    image, truth = np.full((40, 60), 40, np.uint8), np.zeros((40, 60), bool)
+    truth[10:30, 20:44] = True
+    image[truth] = 220
+    image[2:4, 2:4] = 220  # a speck: a second, smaller component
+    Image.fromarray(image).save(tmp_path / "pool.png")
+    case = read_case(str(tmp_path / "pool.png"), require_label=False)
+    mask = pseudo_label([_BrightJudge(), _BrightJudge()], case, 32)
+    assert mask.shape == (1, 40, 60) and not mask[0, :6, :6].any()  # native grid; the speck is cut
+    assert 2 * (mask[0] & truth).sum() / (mask.sum() + truth.sum()) > 0.9
+    assert pseudo_label([_BrightJudge(), _ConstantJudge(1.0)], case, 32) is None  # they disagree
+    assert pseudo_label([_ConstantJudge(-1.0), _ConstantJudge(-1.0)], case, 32) is None  # agree on nothing
+
+
+def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_path, monkeypatch):
+    """--backgrounds pool: the real-only segmenters pseudo-label the pool images (here a stand-in that
+    returns each image's own label), the generation paints into those images under their pseudo-labels
+    (`run --paint-into`, as many samples as K labeled backgrounds would get), and
+    real_plus_pseudo_labels trains on the pseudo-labeled images themselves; a rerun redoes nothing."""
+    seen = []
+
+    def own_label(judges, case, resolution):
+        seen.append(len(judges))
+        return read_case(case.image_path, case.image_path.replace(".png", "_mask.png")).foreground
+
+    monkeypatch.setattr("MedDiffFTLib.evaluate.pseudo_label", own_label)
+    out, seed_dir = tmp_path / "run", tmp_path / "run" / "seed_0"
+    args = ("--seeds", "1", "--seg-repeats", "2", "--backgrounds", "pool",
+            "--arms", "real_only,real_plus_synthetic,real_plus_pseudo_labels")
+    evaluate(split, out, *args)
+    pool = json.loads((seed_dir / "subset.json").read_text())["unlabeled"]
+    assert seen == [2] * len(pool) == [2, 2]  # 5 cases: K=2, 1 validation, 2 in the pool; both segmenters judge
+    pseudo = json.loads((seed_dir / "pseudo_labels.json").read_text())
+    assert (pseudo["pseudo_labeled"], pseudo["pool"], pseudo["pseudo_label_dice"]) == (2, 2, 1.0)
+    entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
+    assert len(entries) == 2  # --synthetic-per-real 1 x K=2, spread over the 2 pool images
+    assert sorted(entry["source_image"] for entry in entries) == sorted(str(Path(p).resolve()) for p in pool)
+    assert all(Path(entry["source_label"]).parent == seed_dir / "pseudo_labels" for entry in entries)
+    report = json.loads((out / "report.json").read_text())
+    assert "delta_dice_real_plus_pseudo_labels_mean" in report
+    assert report["per_seed_synthetic"][0]["pseudo_labels"]["pseudo_labeled"] == 2
+    text = (out / "report.md").read_text()
+    assert "painted into the pool images (--backgrounds)" in text and "Dice >= 0.8): 2/2" in text
+    generated = (seed_dir / "generation" / "manifest.json").stat().st_mtime_ns
+    trained = (seed_dir / "real_plus_pseudo_labels.repeat1.json").stat().st_mtime_ns
+    evaluate(split, out, *args)
+    assert (seed_dir / "generation" / "manifest.json").stat().st_mtime_ns == generated
+    assert (seed_dir / "real_plus_pseudo_labels.repeat1.json").stat().st_mtime_ns == trained
+    assert seen == [2, 2]
+    with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and real_plus_pseudo_labels pseudo-label the pool "
+                                             r"images where the real-only segmenters agree: pass --seg-repeats 2"):
+        evaluate(split, out, "--seeds", "1", "--backgrounds", "pool")
+    with pytest.raises(MedDiffFTError, match=r"Unknown --backgrounds 'normal'; use one of labeled, pool"):
+        evaluate(split, out, "--backgrounds", "normal")
 
 
 @pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")

@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                              "at this Dice (0 = every pair the QA kept)")
     parser.add_argument("--seg-lr-schedule", default="constant",
                         help="segmenter learning rate over its steps: constant or poly (nnU-Net's decay)")
+    parser.add_argument("--backgrounds", default="labeled",
+                        help="labeled (the K labeled cases) or pool (the pseudo-labeled pool images) to paint into")
     parser.add_argument("--seg-patience", default="0", help="validations without gain before stopping (0 = never)")
     parser.add_argument("--max-side", type=int, default=0, help="copy the cases shrunk to this many px a side")
     parser.add_argument("--prepare-only", action="store_true", help="write the split (and copies) and stop")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             "--synthetic-fraction", args.synthetic_fraction, "--synthetic-until", args.synthetic_until,
             "--seg-patience", args.seg_patience, "--seg-lr-schedule", args.seg_lr_schedule,
             "--seg-repeats", args.seg_repeats,
-            "--faithful-min-dice", args.faithful_min_dice]
+            "--faithful-min-dice", args.faithful_min_dice, "--backgrounds", args.backgrounds]
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
     started = time.monotonic()
     code = cli_main(argv)

@@ -6,10 +6,13 @@ a model made before the QA's healed check gets that check's threshold, calibrate
 segmenters and labeled cases (as fine-tuning now does: `quality.healed_bound`), and one made before
 `--placement learned` gets its lesions' positions from the same cases; the run's sampling
 is repeated with the same seed (`meddiffft sample`). With the evaluation's own sampling options the
-candidates are the same and only the QA differs. The result is a new evaluation folder (OUT) whose
+candidates are the same and only the QA differs. With --pool-judges the new lesions go into the
+subset's unlabeled pool images instead of its labeled cases, each image's own lesion under a
+pseudo-label from another evaluation folder's real-only segmenters (as `evaluate --backgrounds pool`
+does with its own; kept with --old-lesion keep). The result is a new evaluation folder (OUT) whose
 generation units match SRC's key, so rerunning the same `evaluate` command on OUT
-(bench/evaluate_busi.py --run-dir) trains only the arms. Prints, per seed, how many pairs SRC and
-OUT kept.
+(bench/evaluate_busi.py --run-dir, with --seg-budget same-passes for a folder made before
+2026-12-07) trains only the arms. Prints, per seed, how many pairs SRC and OUT kept.
 
     nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1h \
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2"
@@ -17,12 +20,15 @@ OUT kept.
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2 --old-lesion keep"
     nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1p \
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2 --old-lesion keep --placement learned"
+    nice .venv/bin/python bench/resample.py --src .busi/run_keep --out .busi/run_pool --seeds 0 1 2 3 \
+        --pool-judges .busi/run_e2000 --sample-args "--samples 2 --qa-keep 1 --old-lesion keep"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -77,6 +83,29 @@ def add_positions(model_dir: Path, labeled_csv: Path) -> None:
     write_json(path, {"lesions": lesions})
 
 
+def pseudo_labeled_pool(seed_dir: Path, judges_dir: Path, folder: Path, settings: dict) -> Path:
+    """Pseudo-label the unlabeled pool images of ``seed_dir`` with ``judges_dir``'s real-only
+    segmenters of the same subset, as `meddiffft evaluate --backgrounds pool` does with its own
+    (evaluate.pseudo_label); writes the labels and a cases CSV into ``folder``. Prints how many
+    images got one and, as a diagnosis only (never used), their Dice against the pool's true labels."""
+    import numpy as np
+    import torch
+
+    from MedDiffFTLib.caseio import read_cases_csv
+    from MedDiffFTLib.evaluate import load_segmenter, write_pseudo_labels
+
+    judges = [load_segmenter(path, torch.device("cpu")) for path in sorted(judges_dir.glob("real_only*.safetensors"))]
+    if len(judges) < 2:
+        sys.exit(f"{judges_dir} holds {len(judges)} real-only segmenter(s); the agreement needs 2 (--seg-repeats 2)")
+    true_labels = {os.path.abspath(image): label for image, label in read_cases_csv(settings["train"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    pool = [(image, true_labels[image]) for image, _ in read_cases_csv(str(seed_dir / "unlabeled.csv"))]
+    rows, dice = write_pseudo_labels(judges, pool, folder, settings["segmenter"]["resolution"])
+    print(f"{seed_dir.name}: {len(rows)} of {len(pool)} pool images pseudo-labeled; their Dice against the true "
+          f"labels (diagnosis only): mean {np.mean(dice):.3f}, min {np.min(dice):.3f}", flush=True)
+    return folder / "cases.csv"
+
+
 def main() -> None:
     from MedDiffFTLib.cli import run_command
 
@@ -86,6 +115,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
     parser.add_argument("--sample-args", default="--samples 4 --qa-keep 2",
                         help="the sampling options of the evaluation's --run-args")
+    parser.add_argument("--pool-judges", type=Path,
+                        help="an evaluation folder of the same subsets whose real-only segmenters (2 repeats) "
+                             "pseudo-label the unlabeled pool images to paint into")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(args.src / "settings.json", args.out / "settings.json")
@@ -103,7 +135,10 @@ def main() -> None:
         entry = calibrate(model, out / "labeled.csv")
         add_positions(model, out / "labeled.csv")
         shutil.rmtree(out / "generation", ignore_errors=True)
-        run_command(["sample", "--model", str(model), "--cases", str(out / "labeled.csv"), "--seed", str(seed),
+        cases = (pseudo_labeled_pool(out, args.pool_judges / f"seed_{seed}", out / "pseudo",
+                                     json.loads((args.src / "settings.json").read_text()))
+                 if args.pool_judges else out / "labeled.csv")
+        run_command(["sample", "--model", str(model), "--cases", str(cases), "--seed", str(seed),
                      "--device", "cpu", "--progress", "none", "--out", str(out / "generation"),
                      *shlex.split(args.sample_args)])
         model.rename(out / "generation" / "model")
