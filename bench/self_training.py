@@ -2,6 +2,8 @@
 mixed arm as `meddiffft evaluate`'s real_plus_synthetic, with the pseudo-labeled pool images
 themselves (bench/resample.py --pool-judges writes them to SRC/seed_S/pseudo/cases.csv) as the
 extra pairs, nothing painted. Whatever the painted pairs gain beyond this arm is the generator's.
+With --with-synthetic the extra pairs are those images and SRC's painted pairs together: do the
+painted lesions add to the pseudo-labeled images rather than replace them?
 
 For each seed, the arm's segmenters (one per --seg-repeats, the evaluation's segmenter settings and
 seeds, the mixed arm's step budget) are trained and scored on the test cases by evaluate's own
@@ -11,6 +13,9 @@ bench/pool_subsets.py reads OUT like an evaluation folder (real only from --base
     OMP_NUM_THREADS=1 nice .venv/bin/python bench/self_training.py --src .busi/run_pool --out .busi/run_pseudo \\
         --seeds 0 1 2 3
     .venv/bin/python bench/pool_subsets.py .busi/run_pseudo --baseline .busi/run_e2000
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/self_training.py --src .busi/run_pool --out .busi/run_pseudo_syn \
+        --seeds 0 1 2 3 --with-synthetic
+    .venv/bin/python bench/pool_subsets.py .busi/run_pseudo_syn --baseline .busi/run_e2000 --versus .busi/run_pseudo
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--src", type=Path, required=True, help="an evaluation folder re-sampled with --pool-judges")
     parser.add_argument("--out", type=Path, required=True, help="the folder for the self-training records")
     parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--with-synthetic", action="store_true",
+                        help="also SRC's generated pairs (seed_S/generation), mixed in with the pseudo-labeled images")
     args = parser.parse_args()
     recorded = json.loads((args.src / "settings.json").read_text())
     names = {f.name for f in fields(EvaluateSettings)}
@@ -60,16 +67,22 @@ def main() -> None:
         real, validation = (stacked([(image, by_image[os.path.abspath(image)]) for image in subset[name]])
                             for name in ("labeled", "validation"))
         pseudo_csv = args.src / f"seed_{seed}" / "pseudo" / "cases.csv"
-        pseudo = stacked(read_cases_csv(str(pseudo_csv)), lesion_slices_only=True)
+        pairs = read_cases_csv(str(pseudo_csv))
+        if args.with_synthetic:
+            generation = args.src / f"seed_{seed}" / "generation"
+            pairs += [(str(generation / entry["image"]), str(generation / entry["label"]))
+                      for entry in json.loads((generation / "manifest.json").read_text())["samples"]]
+        pseudo = stacked(pairs, lesion_slices_only=True)
         steps = max(1, math.ceil(settings.seg_epochs * len(real[0]) / settings.segmenter.batch_size))
         budget = arm_budgets(steps, settings)["real_plus_synthetic"]
         key = {"arm": "real_plus_pseudo_labels", "seed": seed, "max_steps": budget,
-               "segmenter": recorded["segmenter"], "pseudo_labels": hashlib.sha256(pseudo_csv.read_bytes()).hexdigest()}
+               "segmenter": recorded["segmenter"], "pseudo_labels": hashlib.sha256(pseudo_csv.read_bytes()).hexdigest(),
+               **({"with_synthetic": True} if args.with_synthetic else {})}
         seed_dir = args.out / f"seed_{seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
         result = _train_arm(seed_dir, "real_plus_synthetic", seed, key, budget, real, validation,
                             {"synthetic": pseudo}, test, settings, torch.device("cpu"), _Bar(lambda _: None))
-        print(f"seed {seed}: {len(pseudo[0])} pseudo-labeled pairs, {budget} steps; test Dice "
+        print(f"seed {seed}: {len(pseudo[0])} extra pairs, {budget} steps; test Dice "
               f"{result['dice_mean']:.3f} (repeats {', '.join(f'{d:.3f}' for d in result['repeats'])})", flush=True)
 
 
