@@ -3,12 +3,14 @@
 Split: duplicates (same file content) removed, images with several mask files get their masks
 merged (union, written under WORK/masks/), then a fixed random 60-image test set (30 benign, 30
 malignant) and the rest as the training pool. Arms: real only with strong augmentation (a), the same
-+ synthetic pairs (b), real without strong augmentation (a0) and real + copy-paste pairs (c).
++ synthetic pairs (b), real without strong augmentation (a0), real + copy-paste pairs (c) and real +
+the pseudo-labeled pool images (self-training, the context for --backgrounds pool).
 
 Usage (a run folder is resumable; a larger --seeds reuses finished seeds; the defaults are the
-protocol of the README table's best row by validation: 5 subsets, 1000 segmenter epochs, half of
-each batch synthetic, the 400 + 800-step generator with --old-lesion keep; QA with the healed check;
-two segmenter seeds per arm and subset, averaged):
+protocol of the README's best synthetic setting by validation: 5 subsets, 1000 segmenter epochs,
+every arm the same steps, half of each batch synthetic, the 400 + 800-step generator painting into
+the pseudo-labeled pool images with --old-lesion keep; QA with the healed check; two segmenter
+seeds per arm and subset, averaged; before 2026-12-07 the default painted into the labeled cases):
   nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval
 On 2 cores: two processes (--first-seed 0 --seeds 3, --first-seed 3 --seeds 2), then one plain
 call collects the report (about 25 min per subset on one core of the development machine).
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
                              "used same-passes, where the mixed arm trained twice as long)")
     parser.add_argument("--run-args", default="--resolution 64 --scale fit --train-steps 800 --pretrain-steps 400 "
                                               "--batch-size 4 --samples 4 --qa-keep 2 --old-lesion keep")
-    parser.add_argument("--arms", default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste")
+    parser.add_argument("--arms",
+                        default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste,real_plus_pseudo_labels")
     parser.add_argument("--unlabeled-pool", default="on", choices=("on", "off"))
     parser.add_argument("--synthetic-fraction", default="0.5",
                         help="share of each segmenter batch from the extra pairs (0.5, the library default, "
@@ -131,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
                              "at this Dice (0 = every pair the QA kept)")
     parser.add_argument("--seg-lr-schedule", default="constant",
                         help="segmenter learning rate over its steps: constant or poly (nnU-Net's decay)")
-    parser.add_argument("--backgrounds", default="labeled",
-                        help="labeled (the K labeled cases) or pool (the pseudo-labeled pool images) to paint into")
+    parser.add_argument("--backgrounds", default="pool",
+                        help="pool (the pseudo-labeled pool images) or labeled (the K labeled cases) to paint into")
     parser.add_argument("--seg-patience", default="0", help="validations without gain before stopping (0 = never)")
     parser.add_argument("--max-side", type=int, default=0, help="copy the cases shrunk to this many px a side")
     parser.add_argument("--prepare-only", action="store_true", help="write the split (and copies) and stop")
