@@ -1,8 +1,10 @@
 """``meddiffft evaluate``: does synthetic data improve a segmenter trained on K labeled cases?
 
 Per seed: draw a random K-subset of the training pool (plus validation cases for model selection,
-the rest of the pool as unlabeled data), fine-tune and generate through the normal ``run`` command,
-then train the fixed segmenter (segmenter.py) in each arm and score it on the test cases. Every
+the rest of the pool as unlabeled data), train the fixed segmenter (segmenter.py) on the real
+cases, fine-tune and generate through the normal ``run`` command (with ``--backgrounds pool`` into
+the pool images the real-only segmenters pseudo-label), then train the segmenter in each other arm
+and score every arm on the test cases. Every
 finished unit is recorded in the run folder with the inputs it was made from, and skipped on a
 restart that gives it the same inputs. The test cases are only read
 for scoring.
@@ -313,10 +315,9 @@ def pseudo_label(judges: list[torch.nn.Module], case: Case, resolution: int) -> 
     (--backgrounds pool)."""
     from scipy import ndimage
 
-    device = next(judges[0].parameters()).device
+    plane = planes_to_tensor([case.image[0]], resolution).to(next(judges[0].parameters()).device)
     with torch.no_grad():
-        logits = torch.cat([judge(planes_to_tensor([case.image[0]], resolution).to(device)).cpu()
-                            for judge in judges])
+        logits = torch.cat([judge(plane).cpu() for judge in judges])
     masks = logits > 0
     agreement = np.mean([dice_per_image(masks[i:i + 1], masks[j:j + 1])[0]
                          for i, j in itertools.combinations(range(len(judges)), 2)])
@@ -757,9 +758,10 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                               "min_agreement": PSEUDO_MIN_AGREEMENT}
                 pseudo_csv, pool_rows, metrics["pseudo_labels"] = _pseudo_label_pool(
                     seed_dir, seed, rows["unlabeled"], pseudo_key, settings, device, bar)
-                extra["pseudo_labels"] = _stack([case_tensors(read_case(image, label), resolution,
-                                                              lesion_slices_only=True) for image, label in pool_rows],
-                                                resolution)
+                if "real_plus_pseudo_labels" in settings.arms:
+                    extra["pseudo_labels"] = _stack([case_tensors(read_case(image, label), resolution,
+                                                                  lesion_slices_only=True)
+                                                     for image, label in pool_rows], resolution)
             if needs_generation:
                 generation_dir = seed_dir / "generation"
                 paint_into = None

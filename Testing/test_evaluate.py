@@ -419,6 +419,10 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
     with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and real_plus_pseudo_labels pseudo-label the pool "
                                              r"images where the real-only segmenters agree: pass --seg-repeats 2"):
         evaluate(split, out, "--seeds", "1", "--backgrounds", "pool")
+    with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and real_plus_pseudo_labels need pool images "
+                                             r"beyond the --k 4 labeled and 1 validation cases, but the training "
+                                             r"set has 5; lower --k"):
+        evaluate(split, tmp_path / "other", "--seg-repeats", "2", "--backgrounds", "pool", "--k", "4")
     with pytest.raises(MedDiffFTError, match=r"Unknown --backgrounds 'normal'; use one of labeled, pool"):
         evaluate(split, out, "--backgrounds", "normal")
 
