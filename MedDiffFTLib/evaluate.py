@@ -530,7 +530,7 @@ def write_pseudo_labels(judges: list[torch.nn.Module], pool: list[tuple[str, str
         write_array(case, mask.astype(np.uint8), path, is_label=True)
         rows.append((image, str(path)))
         if label is not None:
-            dice.append(float(2 * (mask & case.foreground).sum() / (mask.sum() + case.foreground.sum())))
+            dice.append(float(dice_per_image(torch.from_numpy(mask[None]), torch.from_numpy(case.foreground[None]))[0]))
     _write_csv(folder / "cases.csv", rows)
     return rows, dice
 

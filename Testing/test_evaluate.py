@@ -406,7 +406,12 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
     assert sorted(entry["source_image"] for entry in entries) == sorted(str(Path(p).resolve()) for p in pool)
     assert all(Path(entry["source_label"]).parent == seed_dir / "pseudo_labels" for entry in entries)
     report = json.loads((out / "report.json").read_text())
-    assert "delta_dice_real_plus_pseudo_labels_mean" in report
+    assert report["delta_dice_real_plus_pseudo_labels_mean"] == pytest.approx(
+        report["real_plus_pseudo_labels"]["dice_mean"] - report["real_only"]["dice_mean"])
+    real_key = json.loads((seed_dir / "real_only.json").read_text())["key"]
+    for arm in ("real_plus_pseudo_labels", "real_plus_synthetic"):  # a new real-only judge redoes both
+        record_key = json.loads((seed_dir / f"{arm}.json").read_text())["key"]
+        assert (record_key.get("pseudo_labels") or record_key["generation"]["pseudo_labels"])["real_only"] == real_key
     assert report["per_seed_synthetic"][0]["pseudo_labels"]["pseudo_labeled"] == 2
     text = (out / "report.md").read_text()
     assert "painted into the pool images (--backgrounds)" in text and "Dice >= 0.8): 2/2" in text
