@@ -332,7 +332,9 @@ def _add_evaluate(commands) -> None:
                                "pasted into other labeled cases, judged by the generation's QA), "
                                "real_plus_pseudo_labels (the pool images the real-only segmenters agree on, "
                                "with their pseudo-labels: self-training, what --backgrounds pool's pairs hold "
-                               "before anything is painted) (default: real_only,real_plus_synthetic)")
+                               "before anything is painted), real_plus_pseudo_labels_and_synthetic (those images "
+                               "and the synthetic pairs together; beside real_plus_pseudo_labels the report gives "
+                               "the generator's share) (default: real_only,real_plus_synthetic)")
     evaluate.add_argument("--backgrounds", default="labeled", metavar="labeled|pool",
                           help="what the synthetic arm's new lesions are painted into: labeled (default; the "
                                "K labeled cases) or pool (the unlabeled pool images whose lesion the real-only "

@@ -40,10 +40,14 @@ from .segmenter import (AUGMENTATION_RECIPE, SETTING_NAMES, SegmenterSettings, b
                         predict, train_segmenter)
 from .slicing import choose_axis, slice_stack, to_channels
 
-# arm name -> (augmentation, extra pairs mixed into each batch)
-ARMS = {"real_no_aug": ("none", None), "real_only": ("strong", None),
-        "real_plus_synthetic": ("strong", "synthetic"), "real_plus_copy_paste": ("strong", "copy_paste"),
-        "real_plus_pseudo_labels": ("strong", "pseudo_labels")}
+# arm name -> (augmentation, the sources of the extra pairs mixed into each batch, pooled)
+ARMS = {"real_no_aug": ("none", ()), "real_only": ("strong", ()),
+        "real_plus_synthetic": ("strong", ("synthetic",)), "real_plus_copy_paste": ("strong", ("copy_paste",)),
+        "real_plus_pseudo_labels": ("strong", ("pseudo_labels",)),
+        "real_plus_pseudo_labels_and_synthetic": ("strong", ("pseudo_labels", "synthetic"))}
+# (arm, baseline, report name): the paired Dice deltas reported beside each arm's over real_only.
+# The generator's share: what painted pairs add to the pseudo-labeled images they were painted into.
+COMPARISONS = (("real_plus_pseudo_labels_and_synthetic", "real_plus_pseudo_labels", "synthetic_beyond_pseudo_labels"),)
 BACKGROUNDS = ("labeled", "pool")  # what the synthetic arm's new lesions are painted into (--backgrounds)
 # The real-only segmenters' Dice with each other that a pool image needs to get a pseudo-label; set
 # before the BUSI run, not tuned (K=20: 26-51 of 100 pool images, their Dice against the withheld
@@ -521,8 +525,8 @@ def write_pseudo_labels(judges: list[torch.nn.Module], pool: list[tuple[str, str
     for index, (image, label) in enumerate(pool):
         case = read_case(image, label, require_label=False)
         if not case.is_2d:
-            raise MedDiffFTError(f"--backgrounds pool and real_plus_pseudo_labels take 2D cases; {image} is a "
-                                 "volume: use --backgrounds labeled without real_plus_pseudo_labels.")
+            raise MedDiffFTError(f"--backgrounds pool and the pseudo-label arms take 2D cases; {image} is a "
+                                 "volume: use --backgrounds labeled without the pseudo-label arms.")
         mask = pseudo_label(judges, case, resolution)
         if mask is None:
             continue
@@ -554,7 +558,7 @@ def _pseudo_label_pool(seed_dir: Path, seed: int, pool: list[tuple[str, str]], k
         if not rows:
             raise MedDiffFTError(f"The real-only segmenters of seed {seed} agree (Dice >= {PSEUDO_MIN_AGREEMENT}) "
                                  f"on no lesion in the {len(pool)} pool images; raise --seg-epochs, or use "
-                                 "--backgrounds labeled without real_plus_pseudo_labels.")
+                                 "--backgrounds labeled without the pseudo-label arms.")
         write_json(record_path, {"key": key, "pseudo_labeled": len(rows), "pool": len(pool),
                                  "pseudo_label_dice": float(np.mean(dice))})
     finish()
@@ -617,7 +621,7 @@ def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real,
                settings: EvaluateSettings, device: torch.device, bar: _Bar) -> dict:
     """Train and score one arm's segmenters, one per repeat (each skipped when done with the same
     inputs)."""
-    augmentation, pairs_name = ARMS[arm]
+    augmentation, sources = ARMS[arm]
     records = []
     for repeat in range(settings.seg_repeats):
         record_path = seed_dir / f"{unit_name(arm, repeat)}.json"
@@ -629,7 +633,9 @@ def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real,
                                        "validate_every": max(1, steps // 40)})
             began = _start_unit()
             model, history = train_segmenter(real[0], real[1], seg, device=device, validation=validation,
-                                             synthetic=extra.get(pairs_name) if pairs_name else None,
+                                             synthetic=(_stack([extra[source] for source in sources],
+                                                               settings.segmenter.resolution)
+                                                        if sources else None),
                                              progress=child)
             _save_segmenter(model, seed_dir / f"{unit_name(arm, repeat)}.safetensors")
             write_json(record_path, {"key": unit_key, **score_cases(model, test), "history": history,
@@ -660,15 +666,16 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError(f"--faithful-min-dice must be in [0, 1]; got {settings.faithful_min_dice}.")
     if settings.backgrounds not in BACKGROUNDS:
         raise MedDiffFTError(f"Unknown --backgrounds {settings.backgrounds!r}; use one of {', '.join(BACKGROUNDS)}.")
-    needs_generation = "real_plus_synthetic" in settings.arms
-    needs_pseudo = (needs_generation and settings.backgrounds == "pool") or "real_plus_pseudo_labels" in settings.arms
+    sources = {source for arm in settings.arms for source in ARMS[arm][1]}
+    needs_generation = "synthetic" in sources
+    needs_pseudo = (needs_generation and settings.backgrounds == "pool") or "pseudo_labels" in sources
     if needs_pseudo and settings.seg_repeats < 2:
-        raise MedDiffFTError("--backgrounds pool and real_plus_pseudo_labels pseudo-label the pool images where the "
+        raise MedDiffFTError("--backgrounds pool and the pseudo-label arms pseudo-label the pool images where the "
                              "real-only segmenters agree: pass --seg-repeats 2 or more.")
     batch_shares(settings.segmenter)
     split = read_split(train_csv, test_csv, settings)
     if needs_pseudo and len(split.train) <= settings.k + settings.validation_cases:
-        raise MedDiffFTError(f"--backgrounds pool and real_plus_pseudo_labels need pool images beyond the --k "
+        raise MedDiffFTError(f"--backgrounds pool and the pseudo-label arms need pool images beyond the --k "
                              f"{settings.k} labeled and {settings.validation_cases} validation cases, but the "
                              f"training set has {len(split.train)}; lower --k or --validation-cases, or add cases.")
     device = resolve_device(settings.device)
@@ -715,39 +722,25 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
             generation_key = {**generation_inputs, "seed": seed}
 
             def train(arm: str) -> None:
-                pairs_name = ARMS[arm][1]
-                if pairs_name == "synthetic":
-                    judge = load_segmenter(seed_dir / "real_only.safetensors", device)
-                    dice = judged_dice(judge, lesions, kept)
-                    used = faithful_pairs(pair_dice(dice, owner, len(entries)), settings.faithful_min_dice)
-                    if not used:
-                        raise MedDiffFTError(f"No synthetic pair of seed {seed} reaches --faithful-min-dice "
-                                             f"{settings.faithful_min_dice} (the real-only segmenter's best Dice "
-                                             f"on one is {dice.max(initial=0.0):.2f}); lower it.")
-                    extra["synthetic"] = _stack([case_tensors(read_case(str(generation_dir / entries[i]["image"]),
-                                                                        str(generation_dir / entries[i]["label"])),
-                                                              resolution, lesion_slices_only=True) for i in used],
-                                                resolution)
-                    metrics.update(_synthetic_metrics(generation_dir, entries, lesions, dice, real, judge, arms),
-                                   synthetic_pairs_used=len(used))
+                sources = ARMS[arm][1]
                 budget = arm_budgets(steps, settings)[arm]
                 segmenter = {name: value for name, value in asdict(settings.segmenter).items()
                              if name not in UNKEYED_DEFAULTS or value != UNKEYED_DEFAULTS[name]}
-                if pairs_name is None:  # unused without extra pairs: another fraction keeps this arm's result
+                if not sources:  # unused without extra pairs: another fraction keeps this arm's result
                     segmenter.pop("synthetic_fraction")
                     segmenter.pop("synthetic_until", None)
                 keys[arm] = {"arm": arm, "seed": seed, "seg_epochs": settings.seg_epochs, "max_steps": budget,
                              "segmenter": segmenter, "validation_cases": settings.validation_cases,
                              **({"augmentation_recipe": AUGMENTATION_RECIPE} if ARMS[arm][0] == "strong" else {}),
                              "train": record["train"], "test": record["test"], "k": settings.k,
-                             **({"generation": generation_key} if pairs_name == "synthetic" else {}),
+                             **({"generation": generation_key} if "synthetic" in sources else {}),
                              **({"faithful_min_dice": settings.faithful_min_dice}
-                                if pairs_name == "synthetic" and settings.faithful_min_dice > 0 else {}),
+                                if "synthetic" in sources and settings.faithful_min_dice > 0 else {}),
                              **({"qa_from_generation": generation_key if qa_summary["copy_paste_qa"] else None}
-                                if pairs_name == "copy_paste" else {}),
+                                if "copy_paste" in sources else {}),
                              **({"synthetic_per_real": settings.synthetic_per_real}
-                                if pairs_name in ("synthetic", "copy_paste") else {}),
-                             **({"pseudo_labels": pseudo_key} if pairs_name == "pseudo_labels" else {})}
+                                if {"synthetic", "copy_paste"} & set(sources) else {}),
+                             **({"pseudo_labels": pseudo_key} if "pseudo_labels" in sources else {})}
                 arms[arm] = _train_arm(seed_dir, arm, seed, keys[arm], budget, real, validation, extra, test,
                                        settings, device, bar)
                 timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
@@ -758,7 +751,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                               "min_agreement": PSEUDO_MIN_AGREEMENT}
                 pseudo_csv, pool_rows, metrics["pseudo_labels"] = _pseudo_label_pool(
                     seed_dir, seed, rows["unlabeled"], pseudo_key, settings, device, bar)
-                if "real_plus_pseudo_labels" in settings.arms:
+                if "pseudo_labels" in sources:
                     extra["pseudo_labels"] = _stack([case_tensors(read_case(image, label), resolution,
                                                                   lesion_slices_only=True)
                                                      for image, label in pool_rows], resolution)
@@ -779,6 +772,19 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                          f"({generation_dir / 'manifest.json'}); loosen the QA options "
                                          "in --run-args.")
                 lesions, kept, owner = generated_lesions(generation_dir, entries, resolution)
+                judge = load_segmenter(seed_dir / "real_only.safetensors", device)
+                dice = judged_dice(judge, lesions, kept)
+                used = faithful_pairs(pair_dice(dice, owner, len(entries)), settings.faithful_min_dice)
+                if not used:
+                    raise MedDiffFTError(f"No synthetic pair of seed {seed} reaches --faithful-min-dice "
+                                         f"{settings.faithful_min_dice} (the real-only segmenter's best Dice "
+                                         f"on one is {dice.max(initial=0.0):.2f}); lower it.")
+                extra["synthetic"] = _stack([case_tensors(read_case(str(generation_dir / entries[i]["image"]),
+                                                                    str(generation_dir / entries[i]["label"])),
+                                                          resolution, lesion_slices_only=True) for i in used],
+                                            resolution)
+                metrics.update(_synthetic_metrics(generation_dir, entries, lesions, dice, real, judge, arms),
+                               synthetic_pairs_used=len(used))
             if "real_plus_copy_paste" in settings.arms:
                 quality = _run_quality(seed_dir / "generation" / "model", device) if needs_generation else None
                 pasted, qa_scores = copy_paste_cases([read_case(image, label) for image, label in rows["labeled"]],
@@ -840,22 +846,22 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
                                      "best_step": per_seed[s]["arms"][arm]["history"]["best_step"],
                                      "steps_run": len(per_seed[s]["arms"][arm]["history"]["loss"])}
                                     for s in seeds]}
-    for arm in settings.arms:
-        if arm == "real_only":
-            continue
-        delta = [per_seed[s]["arms"][arm]["dice_mean"] - per_seed[s]["arms"]["real_only"]["dice_mean"] for s in seeds]
-        name = "delta_dice" if arm == "real_plus_synthetic" else f"delta_dice_{arm}"
-        report[f"{name}_mean"] = float(np.mean(delta))
-        report[f"{name}_sd"] = float(np.std(delta, ddof=1)) if len(delta) > 1 else 0.0
-        p_name = "paired_p_value" if arm == "real_plus_synthetic" else f"paired_p_value_{arm}"
+    comparisons = [(arm, "real_only", "" if arm == "real_plus_synthetic" else f"_{arm}")
+                   for arm in settings.arms if arm != "real_only"]
+    comparisons += [(arm, baseline, f"_{name}") for arm, baseline, name in COMPARISONS
+                    if arm in settings.arms and baseline in settings.arms]
+    for arm, baseline, suffix in comparisons:
         after = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
-        before = [per_seed[s]["arms"]["real_only"]["dice_mean"] for s in seeds]
+        before = [per_seed[s]["arms"][baseline]["dice_mean"] for s in seeds]
+        delta = np.subtract(after, before)
+        report[f"delta_dice{suffix}_mean"] = float(np.mean(delta))
+        report[f"delta_dice{suffix}_sd"] = float(np.std(delta, ddof=1)) if len(delta) > 1 else 0.0
         test = stats.ttest_rel(after, before) if len(seeds) > 1 else None
         p_value = test.pvalue if test is not None else float("nan")
-        report[p_name] = float(p_value) if np.isfinite(p_value) else None
+        report[f"paired_p_value{suffix}"] = float(p_value) if np.isfinite(p_value) else None
         interval = test.confidence_interval(0.95) if test is not None else (float("nan"),) * 2
-        report[f"{name}_ci95"] = ([float(interval[0]), float(interval[1])] if np.isfinite(interval).all()
-                                  else None)  # the delta's paired-t 95 % interval: is a gain of G excluded?
+        report[f"delta_dice{suffix}_ci95"] = ([float(interval[0]), float(interval[1])] if np.isfinite(interval).all()
+                                              else None)  # the delta's paired-t 95 % interval: is a gain of G excluded?
     for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
         report[key] = _mean_defined(per_seed[s].get(key) for s in seeds)
     report["per_seed_synthetic"] = [{"seed": s, **{k: v for k, v in per_seed[s].items()
@@ -917,16 +923,19 @@ def report_markdown(report: dict, arms: list[str]) -> str:
                   "the last quarter of its budget; more --seg-epochs may raise it (on BUSI real-only "
                   "segmenters whose last quarter gained 0.8 point on average gained 1.3 points of test Dice "
                   "when their budget doubled), so compare the arms again with a larger budget.", ""]
-    if "delta_dice_mean" in report:
-        interval = report["delta_dice_ci95"]
-        lines.append(f"Delta Dice (real + synthetic - real only): {_number(report['delta_dice_mean'] * 100, 2)} "
-                     f"+- {_number(report['delta_dice_sd'] * 100, 2)} points"
-                     + (f" (95 % interval {interval[0] * 100:.2f} to {interval[1] * 100:.2f})" if interval else "")
-                     + f", paired t-test p = {_number(report['paired_p_value'])}.")
+    for suffix, meaning in (("", "real + synthetic - real only"),
+                            ("_synthetic_beyond_pseudo_labels", "the generator's share: real + pseudo-labels + "
+                                                                "synthetic - real + pseudo-labels")):
+        if f"delta_dice{suffix}_mean" in report:
+            interval = report[f"delta_dice{suffix}_ci95"]
+            lines.append(f"Delta Dice ({meaning}): {_number(report[f'delta_dice{suffix}_mean'] * 100, 2)} "
+                         f"+- {_number(report[f'delta_dice{suffix}_sd'] * 100, 2)} points"
+                         + (f" (95 % interval {interval[0] * 100:.2f} to {interval[1] * 100:.2f})" if interval else "")
+                         + f", paired t-test p = {_number(report[f'paired_p_value{suffix}'])}.")
     for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
         if key in report:
             lines.append(f"- {key}: {_number(report[key], 4)}")
-    if "real_plus_synthetic" in arms:
+    if any("synthetic" in ARMS[arm][1] for arm in arms):
         used = [f"{row['synthetic_pairs_used']}/{row['synthetic_pairs']}" for row in report["per_seed_synthetic"]]
         mixing = settings["segmenter"]
         lines.append(f"- synthetic pairs the segmenter trained on (of those generated; --faithful-min-dice "

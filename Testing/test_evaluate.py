@@ -18,6 +18,7 @@ from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
                                    late_validation_gain, load_segmenter, memorization_rate, pair_dice,
                                    pseudo_label, report_markdown)
+from MedDiffFTLib.segmenter import train_segmenter
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
 # label masks and no QA: a mask generator fitted on K=2 tiny phantoms may find no novel placement,
@@ -385,18 +386,27 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
     """--backgrounds pool: the real-only segmenters pseudo-label the pool images (here a stand-in that
     returns each image's own label), the generation paints into those images under their pseudo-labels
     (`run --paint-into`, as many samples as K labeled backgrounds would get), and
-    real_plus_pseudo_labels trains on the pseudo-labeled images themselves; a rerun redoes nothing."""
-    seen = []
+    real_plus_pseudo_labels trains on the pseudo-labeled images themselves and
+    real_plus_pseudo_labels_and_synthetic on those and the painted pairs, its gain over the former
+    reported as the generator's share; a rerun redoes nothing."""
+    seen, extra_pairs = [], []
 
     def own_label(judges, case, resolution):
         seen.append(len(judges))
         return read_case(case.image_path, case.image_path.replace(".png", "_mask.png")).foreground
 
+    def counting(*args, synthetic, **kwargs):
+        extra_pairs.append(0 if synthetic is None else len(synthetic[0]))
+        return train_segmenter(*args, synthetic=synthetic, **kwargs)
+
     monkeypatch.setattr("MedDiffFTLib.evaluate.pseudo_label", own_label)
+    monkeypatch.setattr("MedDiffFTLib.evaluate.train_segmenter", counting)
     out, seed_dir = tmp_path / "run", tmp_path / "run" / "seed_0"
-    args = ("--seeds", "1", "--seg-repeats", "2", "--backgrounds", "pool",
-            "--arms", "real_only,real_plus_synthetic,real_plus_pseudo_labels")
+    args = ("--seeds", "1", "--seg-repeats", "2", "--backgrounds", "pool", "--arms",
+            "real_only,real_plus_synthetic,real_plus_pseudo_labels,real_plus_pseudo_labels_and_synthetic")
     evaluate(split, out, *args)
+    # per arm, both repeats: real only, painted pairs, pseudo-labeled images, both of them
+    assert extra_pairs == [0, 0, 2, 2, 2, 2, 4, 4]
     pool = json.loads((seed_dir / "subset.json").read_text())["unlabeled"]
     assert seen == [2] * len(pool) == [2, 2]  # 5 cases: K=2, 1 validation, 2 in the pool; both segmenters judge
     pseudo = json.loads((seed_dir / "pseudo_labels.json").read_text())
@@ -408,23 +418,28 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["delta_dice_real_plus_pseudo_labels_mean"] == pytest.approx(
         report["real_plus_pseudo_labels"]["dice_mean"] - report["real_only"]["dice_mean"])
+    assert report["delta_dice_synthetic_beyond_pseudo_labels_mean"] == pytest.approx(
+        report["real_plus_pseudo_labels_and_synthetic"]["dice_mean"] - report["real_plus_pseudo_labels"]["dice_mean"])
     real_key = json.loads((seed_dir / "real_only.json").read_text())["key"]
+    union_key = json.loads((seed_dir / "real_plus_pseudo_labels_and_synthetic.json").read_text())["key"]
+    assert union_key["pseudo_labels"]["real_only"] == union_key["generation"]["pseudo_labels"]["real_only"] == real_key
     for arm in ("real_plus_pseudo_labels", "real_plus_synthetic"):  # a new real-only judge redoes both
         record_key = json.loads((seed_dir / f"{arm}.json").read_text())["key"]
         assert (record_key.get("pseudo_labels") or record_key["generation"]["pseudo_labels"])["real_only"] == real_key
     assert report["per_seed_synthetic"][0]["pseudo_labels"]["pseudo_labeled"] == 2
     text = (out / "report.md").read_text()
     assert "painted into the pool images (--backgrounds)" in text and "Dice >= 0.8): 2/2" in text
+    assert "Delta Dice (the generator's share: real + pseudo-labels + synthetic - real + pseudo-labels)" in text
     generated = (seed_dir / "generation" / "manifest.json").stat().st_mtime_ns
     trained = (seed_dir / "real_plus_pseudo_labels.repeat1.json").stat().st_mtime_ns
     evaluate(split, out, *args)
     assert (seed_dir / "generation" / "manifest.json").stat().st_mtime_ns == generated
     assert (seed_dir / "real_plus_pseudo_labels.repeat1.json").stat().st_mtime_ns == trained
-    assert seen == [2, 2]
-    with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and real_plus_pseudo_labels pseudo-label the pool "
+    assert seen == [2, 2] and len(extra_pairs) == 8
+    with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and the pseudo-label arms pseudo-label the pool "
                                              r"images where the real-only segmenters agree: pass --seg-repeats 2"):
         evaluate(split, out, "--seeds", "1", "--backgrounds", "pool")
-    with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and real_plus_pseudo_labels need pool images "
+    with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and the pseudo-label arms need pool images "
                                              r"beyond the --k 4 labeled and 1 validation cases, but the training "
                                              r"set has 5; lower --k"):
         evaluate(split, tmp_path / "other", "--seg-repeats", "2", "--backgrounds", "pool", "--k", "4")
