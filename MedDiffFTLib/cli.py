@@ -663,8 +663,8 @@ def _sample_into(directory: Path, model_dir: Path, cases: list, args, progress: 
         raise MedDiffFTError(f"No sample was kept: all {len(rejected)} were rejected ({'; '.join(reasons)}). "
                              "Train longer, ask for more --samples, or relax the option named above "
                              "(--qa off skips quality assessment).")
-    write_json(directory / "manifest.json", {"samples": entries, "rejected": rejected,
-                                             "qa": quality.summary(entries, rejected, args.qa_keep) if quality else None,
+    qa = quality.summary(entries, rejected, args.qa_keep) if quality else None
+    write_json(directory / "manifest.json", {"samples": entries, "rejected": rejected, "qa": qa,
                                              "model": {"path": str(recorded_model), **card}})
     write_preview(directory / "preview.png", cases[0], first_samples, card["slices"]["axis"])
     return {"samples": len(entries), "preview": str(directory / "preview.png")}

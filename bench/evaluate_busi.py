@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-args", default="--resolution 64 --scale fit --train-steps 800 --pretrain-steps 400 "
                                               "--batch-size 4 --samples 4 --qa-keep 2 --old-lesion keep")
     parser.add_argument("--arms",
-                        default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste,real_plus_pseudo_labels,"
-                                "real_plus_pseudo_labels_and_synthetic")
+                        default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste,"
+                                "real_plus_pseudo_labels,real_plus_pseudo_labels_and_synthetic")
     parser.add_argument("--unlabeled-pool", default="on", choices=("on", "off"))
     parser.add_argument("--synthetic-fraction", default="0.5",
                         help="share of each segmenter batch from the extra pairs (0.5, the library default, "
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     print("meddiffft " + " ".join(f"'{a}'" if " " in a else a for a in argv), flush=True)
     started = time.monotonic()
     code = cli_main(argv)
-    print(f"exit {code} after {time.monotonic() - started:.0f} s; report: {work / args.run_dir / 'report.md'}", flush=True)
+    print(f"exit {code} after {time.monotonic() - started:.0f} s; report: {work / args.run_dir / 'report.md'}",
+          flush=True)
     sys.exit(code)
 
 
