@@ -312,26 +312,30 @@ def faithful_pairs(per_pair: np.ndarray, min_dice: float) -> list[int]:
 
 
 def pseudo_label(judges: list[torch.nn.Module], case: Case, resolution: int) -> np.ndarray | None:
-    """A 2D case's lesion where the real-only segmenters (one per --seg-repeats) agree: their mean
-    logit, upsampled to the image, cut to its largest component, holes filled (bool, the case's
-    layout); None where their own masks agree at a Dice below PSEUDO_MIN_AGREEMENT or find nothing.
-    A pool image so labeled is a background whose own lesion can be kept under a label
-    (--backgrounds pool)."""
+    """A case's lesion where the real-only segmenters (one per --seg-repeats) agree: their mean
+    logit, slice by slice along the case's slicing axis (a 2D case: its one plane), upsampled to the
+    slice, cut to the largest connected component of the whole case, holes filled in each slice
+    (bool, the case's layout); None where their own masks agree over the case at a Dice below
+    PSEUDO_MIN_AGREEMENT or find nothing. A pool case so labeled is a background whose own lesion
+    can be kept under a label (--backgrounds pool)."""
     from scipy import ndimage
 
-    plane = planes_to_tensor([case.image[0]], resolution).to(next(judges[0].parameters()).device)
+    axis = choose_axis(case.spacing, "auto", case.is_2d)
+    planes = slice_stack(case.image, axis)
+    tensor = planes_to_tensor(list(planes), resolution).to(next(judges[0].parameters()).device)
     with torch.no_grad():
-        logits = torch.cat([judge(plane).cpu() for judge in judges])
-    masks = logits > 0
-    agreement = np.mean([dice_per_image(masks[i:i + 1], masks[j:j + 1])[0]
+        logits = torch.stack([torch.cat([judge(tensor[i:i + 32]).cpu() for i in range(0, len(tensor), 32)])
+                              for judge in judges])  # (judges, slices, 1, R, R)
+    masks = logits.flatten(1)[:, None, None] > 0  # each judge's whole case as one image for the Dice
+    agreement = np.mean([dice_per_image(masks[i], masks[j])[0]
                          for i, j in itertools.combinations(range(len(judges)), 2)])
-    native = F.interpolate(logits.mean(0, keepdim=True), size=case.image.shape[1:3], mode="bilinear",
-                           align_corners=False)[0, 0].numpy() > 0
+    native = F.interpolate(logits.mean(0), size=planes.shape[1:3], mode="bilinear",
+                           align_corners=False)[:, 0].numpy() > 0
     if agreement < PSEUDO_MIN_AGREEMENT or not native.any():
         return None
     components, count = ndimage.label(native)
     largest = components == 1 + int(np.argmax(ndimage.sum_labels(native, components, range(1, count + 1))))
-    return ndimage.binary_fill_holes(largest)[None]
+    return np.moveaxis(np.stack([ndimage.binary_fill_holes(plane) for plane in largest]), 0, axis)
 
 
 def background_preservation(generation_dir: Path, entries: list[dict]) -> float | None:
@@ -524,9 +528,6 @@ def write_pseudo_labels(judges: list[torch.nn.Module], pool: list[tuple[str, str
     rows, dice = [], []
     for index, (image, label) in enumerate(pool):
         case = read_case(image, label, require_label=False)
-        if not case.is_2d:
-            raise MedDiffFTError(f"--backgrounds pool and the pseudo-label arms take 2D cases; {image} is a "
-                                 "volume: use --backgrounds labeled without the pseudo-label arms.")
         mask = pseudo_label(judges, case, resolution)
         if mask is None:
             continue

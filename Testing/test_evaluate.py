@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import COMMON, SHARED_DATA, TRAIN_TINY
-from MedDiffFTLib.caseio import read_case
+from MedDiffFTLib.caseio import read_case, read_cases_csv
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
                                    late_validation_gain, load_segmenter, memorization_rate, pair_dice,
-                                   pseudo_label, report_markdown)
+                                   pseudo_label, report_markdown, write_pseudo_labels)
 from MedDiffFTLib.segmenter import train_segmenter
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
@@ -382,6 +382,33 @@ def test_pseudo_label_is_where_the_segmenters_agree_cut_to_the_largest_lesion_on
     assert pseudo_label([_ConstantJudge(-1.0), _ConstantJudge(-1.0)], case, 32) is None  # agree on nothing
 
 
+def test_pseudo_label_of_a_volume_is_slice_wise_and_keeps_its_largest_3d_lesion_on_the_volume_grid(tmp_path):
+    """A volume is judged slice by slice along its slicing axis (the largest spacing) and agreed on as a
+    whole; its pseudo-label is written on the pool volume's own grid, which it keeps exactly."""
+    import SimpleITK as sitk
+
+    volume, truth = np.full((8, 40, 60), 40, np.int16), np.zeros((8, 40, 60), bool)
+    truth[2:6, 10:30, 20:44] = True
+    volume[truth] = 220
+    volume[7, 2:5, 2:5] = 220  # a speck on another slice: a second, smaller 3D component
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((0.8, 0.8, 3.0))
+    image.SetOrigin((4.0, -2.0, 7.5))
+    sitk.WriteImage(image, str(tmp_path / "pool.nrrd"))
+    case = read_case(str(tmp_path / "pool.nrrd"), require_label=False)
+    mask = pseudo_label([_BrightJudge(), _BrightJudge()], case, 32)
+    assert mask.shape == (8, 40, 60) and not mask[7].any() and not mask[:2].any()
+    assert 2 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.9
+    assert pseudo_label([_BrightJudge(), _ConstantJudge(1.0)], case, 32) is None
+    rows, dice = write_pseudo_labels([_BrightJudge(), _BrightJudge()], [(str(tmp_path / "pool.nrrd"), None)],
+                                     tmp_path, 32)
+    assert dice == [] and rows[0][0] == str(tmp_path / "pool.nrrd")
+    written = sitk.ReadImage(rows[0][1])
+    assert (written.GetSpacing(), written.GetOrigin(), written.GetDirection()) == (
+        image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    assert np.array_equal(sitk.GetArrayFromImage(written) > 0, mask)
+
+
 def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_path, monkeypatch):
     """--backgrounds pool: the real-only segmenters pseudo-label the pool images (here a stand-in that
     returns each image's own label), the generation paints into those images under their pseudo-labels
@@ -445,6 +472,42 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
         evaluate(split, tmp_path / "other", "--seg-repeats", "2", "--backgrounds", "pool", "--k", "4")
     with pytest.raises(MedDiffFTError, match=r"Unknown --backgrounds 'normal'; use one of labeled, pool"):
         evaluate(split, out, "--backgrounds", "normal")
+
+
+def test_pool_backgrounds_take_volumes(tmp_path, monkeypatch):
+    """--backgrounds pool with volumes: the pool volumes' pseudo-labels (a stand-in: their own labels)
+    are written on their grids, the generation paints into those volumes and keeps each one's geometry
+    exactly, and the union arm trains on the pseudo-labeled and the painted volumes' lesion slices."""
+    from conftest import geometry, make_volume, read, write_volume
+
+    rows = {}
+    for name, seeds in (("train", range(5)), ("test", range(10, 12))):
+        lines = ["image,label"]
+        for seed in seeds:
+            image, label = make_volume(seed)
+            paths = [write_volume(array, tmp_path / f"{kind}{seed}.nrrd") for kind, array in (("image", image),
+                                                                                             ("label", label))]
+            rows[str(paths[0])] = str(paths[1])
+            lines.append(",".join(map(str, paths)))
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr("MedDiffFTLib.evaluate.pseudo_label",
+                        lambda judges, case, resolution: read_case(case.image_path, rows[case.image_path]).foreground)
+    out = tmp_path / "run"
+    evaluate((tmp_path / "train.csv", tmp_path / "test.csv"), out, "--seeds", "1", "--seg-repeats", "2",
+             "--backgrounds", "pool", "--arms", "real_only,real_plus_pseudo_labels_and_synthetic")
+    seed_dir = out / "seed_0"
+    pseudo = read_cases_csv(str(seed_dir / "pseudo_labels" / "cases.csv"))
+    assert len(pseudo) == 2 and json.loads((seed_dir / "pseudo_labels.json").read_text())["pseudo_label_dice"] == 1.0
+    for image, label in pseudo:
+        assert geometry(read(label))[:4] == geometry(read(image))[:4]
+    entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
+    assert len(entries) == 2  # --synthetic-per-real 1 x K=2
+    assert {entry["source_image"] for entry in entries} <= {str(Path(image).resolve()) for image, _ in pseudo}
+    for entry in entries:
+        painted = read(seed_dir / "generation" / entry["image"])
+        assert geometry(painted) == geometry(read(entry["source_image"]))
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 <= report["real_plus_pseudo_labels_and_synthetic"]["dice_mean"] <= 1.0
 
 
 @pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")
