@@ -9,7 +9,9 @@ and how many subsets gained (the validation delta is what a setting is judged on
 reported). With --versus, two generators are compared on the subsets both hold (same real-only
 arm): the synthetic arm of FOLDERS minus that of the --versus folders. With --baseline, the
 real-only arm comes from other folders (e.g. one trained for more epochs, for an equal-steps
-comparison; also --arm real_only with --versus compares two real-only budgets). Where arms have several
+comparison; also --arm real_only with --versus compares two real-only budgets). --versus-arm compares
+with another arm of the --versus folders (e.g. the same folders' real_plus_pseudo_labels: what
+real_plus_pseudo_labels_and_synthetic's painted pairs add). Where arms have several
 repeats (--seg-repeats), it also prints how far one segmenter seed lies from its subset's mean;
 --repeats N pools only the first N.
 
@@ -17,6 +19,9 @@ repeats (--seg-repeats), it also prints how far one segmenter seed lies from its
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1p /tmp/busi_eval/run_v1p2 \\
         --versus /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
     .venv/bin/python bench/pool_subsets.py .busi/run_keep --baseline .busi/run_e2000
+    .venv/bin/python bench/pool_subsets.py .busi/run_product_pool .busi/run_product_pool13 \
+        --arm real_plus_pseudo_labels_and_synthetic --versus .busi/run_product_pool .busi/run_product_pool13 \
+        --versus-arm real_plus_pseudo_labels
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, nargs="+", help="folders whose real_only arm is the baseline "
                                                                    "(default: FOLDERS)")
     parser.add_argument("--arm", default="real_plus_synthetic")
+    parser.add_argument("--versus-arm", help="the --versus folders' arm (default: --arm)")
     parser.add_argument("--repeats", type=int, help="average only each arm's first N segmenter repeats "
                                                      "(default: all in the folders)")
     args = parser.parse_args()
@@ -110,9 +116,10 @@ def main() -> None:
     print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
     describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
     if args.versus:
-        other = scores(arm_results(args.versus, args.arm, args.repeats))
+        versus_arm = args.versus_arm or args.arm
+        other = scores(arm_results(args.versus, versus_arm, args.repeats))
         shared = [s for s in seeds if s in other]
-        describe(f"{args.arm}: these folders - --versus", {s: tuple(np.subtract(extra[s], other[s])) for s in shared})
+        describe(f"{args.arm} - --versus {versus_arm}", {s: tuple(np.subtract(extra[s], other[s])) for s in shared})
 
 
 if __name__ == "__main__":
