@@ -45,9 +45,10 @@ ARMS = {"real_no_aug": ("none", ()), "real_only": ("strong", ()),
         "real_plus_synthetic": ("strong", ("synthetic",)), "real_plus_copy_paste": ("strong", ("copy_paste",)),
         "real_plus_pseudo_labels": ("strong", ("pseudo_labels",)),
         "real_plus_pseudo_labels_and_synthetic": ("strong", ("pseudo_labels", "synthetic"))}
-# (arm, baseline, report name): the paired Dice deltas reported beside each arm's over real_only.
-# The generator's share: what painted pairs add to the pseudo-labeled images they were painted into.
-COMPARISONS = (("real_plus_pseudo_labels_and_synthetic", "real_plus_pseudo_labels", "synthetic_beyond_pseudo_labels"),)
+# (arm, baseline, report name, meaning): the paired Dice deltas reported beside each arm's over
+# real_only. The generator's share: what the painted pairs add to the pseudo-labeled pool images.
+COMPARISONS = (("real_plus_pseudo_labels_and_synthetic", "real_plus_pseudo_labels", "synthetic_beyond_pseudo_labels",
+                "the generator's share: real + pseudo-labels + synthetic - real + pseudo-labels"),)
 BACKGROUNDS = ("labeled", "pool")  # what the synthetic arm's new lesions are painted into (--backgrounds)
 # The real-only segmenters' Dice with each other that a pool image needs to get a pseudo-label; set
 # before the BUSI run, not tuned (K=20: 26-51 of 100 pool images, their Dice against the withheld
@@ -667,9 +668,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError(f"--faithful-min-dice must be in [0, 1]; got {settings.faithful_min_dice}.")
     if settings.backgrounds not in BACKGROUNDS:
         raise MedDiffFTError(f"Unknown --backgrounds {settings.backgrounds!r}; use one of {', '.join(BACKGROUNDS)}.")
-    sources = {source for arm in settings.arms for source in ARMS[arm][1]}
-    needs_generation = "synthetic" in sources
-    needs_pseudo = (needs_generation and settings.backgrounds == "pool") or "pseudo_labels" in sources
+    extra_sources = {source for arm in settings.arms for source in ARMS[arm][1]}
+    needs_generation = "synthetic" in extra_sources
+    needs_pseudo = (needs_generation and settings.backgrounds == "pool") or "pseudo_labels" in extra_sources
     if needs_pseudo and settings.seg_repeats < 2:
         raise MedDiffFTError("--backgrounds pool and the pseudo-label arms pseudo-label the pool images where the "
                              "real-only segmenters agree: pass --seg-repeats 2 or more.")
@@ -752,7 +753,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                               "min_agreement": PSEUDO_MIN_AGREEMENT}
                 pseudo_csv, pool_rows, metrics["pseudo_labels"] = _pseudo_label_pool(
                     seed_dir, seed, rows["unlabeled"], pseudo_key, settings, device, bar)
-                if "pseudo_labels" in sources:
+                if "pseudo_labels" in extra_sources:
                     extra["pseudo_labels"] = _stack([case_tensors(read_case(image, label), resolution,
                                                                   lesion_slices_only=True)
                                                      for image, label in pool_rows], resolution)
@@ -849,7 +850,7 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
                                     for s in seeds]}
     comparisons = [(arm, "real_only", "" if arm == "real_plus_synthetic" else f"_{arm}")
                    for arm in settings.arms if arm != "real_only"]
-    comparisons += [(arm, baseline, f"_{name}") for arm, baseline, name in COMPARISONS
+    comparisons += [(arm, baseline, f"_{name}") for arm, baseline, name, _ in COMPARISONS
                     if arm in settings.arms and baseline in settings.arms]
     for arm, baseline, suffix in comparisons:
         after = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
@@ -924,9 +925,8 @@ def report_markdown(report: dict, arms: list[str]) -> str:
                   "the last quarter of its budget; more --seg-epochs may raise it (on BUSI real-only "
                   "segmenters whose last quarter gained 0.8 point on average gained 1.3 points of test Dice "
                   "when their budget doubled), so compare the arms again with a larger budget.", ""]
-    for suffix, meaning in (("", "real + synthetic - real only"),
-                            ("_synthetic_beyond_pseudo_labels", "the generator's share: real + pseudo-labels + "
-                                                                "synthetic - real + pseudo-labels")):
+    for suffix, meaning in [("", "real + synthetic - real only")] + [(f"_{name}", meaning)
+                                                                     for _, _, name, meaning in COMPARISONS]:
         if f"delta_dice{suffix}_mean" in report:
             interval = report[f"delta_dice{suffix}_ci95"]
             lines.append(f"Delta Dice ({meaning}): {_number(report[f'delta_dice{suffix}_mean'] * 100, 2)} "
