@@ -490,8 +490,15 @@ def test_pool_backgrounds_take_volumes(tmp_path, monkeypatch):
             rows[str(paths[0])] = str(paths[1])
             lines.append(",".join(map(str, paths)))
         (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    extra_slices = []
+
+    def counting(*args, synthetic, **kwargs):
+        extra_slices.append(0 if synthetic is None else len(synthetic[0]))
+        return train_segmenter(*args, synthetic=synthetic, **kwargs)
+
     monkeypatch.setattr("MedDiffFTLib.evaluate.pseudo_label",
                         lambda judges, case, resolution: read_case(case.image_path, rows[case.image_path]).foreground)
+    monkeypatch.setattr("MedDiffFTLib.evaluate.train_segmenter", counting)
     out = tmp_path / "run"
     evaluate((tmp_path / "train.csv", tmp_path / "test.csv"), out, "--seeds", "1", "--seg-repeats", "2",
              "--backgrounds", "pool", "--arms", "real_only,real_plus_pseudo_labels_and_synthetic")
@@ -506,8 +513,11 @@ def test_pool_backgrounds_take_volumes(tmp_path, monkeypatch):
     for entry in entries:
         painted = read(seed_dir / "generation" / entry["image"])
         assert geometry(painted) == geometry(read(entry["source_image"]))
-    report = json.loads((out / "report.json").read_text())
-    assert 0.0 <= report["real_plus_pseudo_labels_and_synthetic"]["dice_mean"] <= 1.0
+    painted = [(str(seed_dir / "generation" / e["image"]), str(seed_dir / "generation" / e["label"])) for e in entries]
+    lesion_slices = sum(int(read_case(image, label).foreground.any(axis=(1, 2)).sum())
+                        for image, label in pseudo + painted)
+    assert lesion_slices > len(pseudo) + len(painted)  # several lesion slices per volume
+    assert extra_slices == [0, 0, lesion_slices, lesion_slices]  # real only, then the union arm, 2 repeats each
 
 
 @pytest.mark.skipif(not (BUSI / "benign" / "images").is_dir(), reason=f"BUSI data not found at {BUSI}")

@@ -19,8 +19,8 @@ repeats (--seg-repeats), it also prints how far one segmenter seed lies from its
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1p /tmp/busi_eval/run_v1p2 \\
         --versus /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
     .venv/bin/python bench/pool_subsets.py .busi/run_keep --baseline .busi/run_e2000
-    .venv/bin/python bench/pool_subsets.py .busi/run_product_pool .busi/run_product_pool13 \
-        --arm real_plus_pseudo_labels_and_synthetic --versus .busi/run_product_pool .busi/run_product_pool13 \
+    .venv/bin/python bench/pool_subsets.py .busi/run_product_pool .busi/run_product_pool13 \\
+        --arm real_plus_pseudo_labels_and_synthetic --versus .busi/run_product_pool .busi/run_product_pool13 \\
         --versus-arm real_plus_pseudo_labels
 """
 

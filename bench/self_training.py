@@ -13,7 +13,7 @@ bench/pool_subsets.py reads OUT like an evaluation folder (real only from --base
     OMP_NUM_THREADS=1 nice .venv/bin/python bench/self_training.py --src .busi/run_pool --out .busi/run_pseudo \\
         --seeds 0 1 2 3
     .venv/bin/python bench/pool_subsets.py .busi/run_pseudo --baseline .busi/run_e2000
-    OMP_NUM_THREADS=1 nice .venv/bin/python bench/self_training.py --src .busi/run_pool --out .busi/run_pseudo_syn \
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/self_training.py --src .busi/run_pool --out .busi/run_pseudo_syn \\
         --seeds 0 1 2 3 --with-synthetic
     .venv/bin/python bench/pool_subsets.py .busi/run_pseudo_syn --baseline .busi/run_e2000 --versus .busi/run_pseudo
 """
