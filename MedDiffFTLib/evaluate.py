@@ -624,6 +624,7 @@ def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real,
     """Train and score one arm's segmenters, one per repeat (each skipped when done with the same
     inputs)."""
     augmentation, sources = ARMS[arm]
+    pairs = _stack([extra[source] for source in sources], settings.segmenter.resolution) if sources else None
     records = []
     for repeat in range(settings.seg_repeats):
         record_path = seed_dir / f"{unit_name(arm, repeat)}.json"
@@ -635,10 +636,7 @@ def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real,
                                        "validate_every": max(1, steps // 40)})
             began = _start_unit()
             model, history = train_segmenter(real[0], real[1], seg, device=device, validation=validation,
-                                             synthetic=(_stack([extra[source] for source in sources],
-                                                               settings.segmenter.resolution)
-                                                        if sources else None),
-                                             progress=child)
+                                             synthetic=pairs, progress=child)
             _save_segmenter(model, seed_dir / f"{unit_name(arm, repeat)}.safetensors")
             write_json(record_path, {"key": unit_key, **score_cases(model, test), "history": history,
                                      "seconds": round(time.monotonic() - began, 2),

@@ -112,7 +112,8 @@ def main() -> None:
     late = {arm: [found[s]["late_val_gain"] for s in seeds if found[s]["late_val_gain"] is not None]
             for arm, found in results.items()}  # None: under 8 validation checks
     print("late validation gain (last quarter of the budget minus the quarter before), points: "
-          + ", ".join(f"{arm} {np.mean(gains) * 100:+.2f}" if gains else f"{arm} n/a" for arm, gains in late.items()))
+          + ", ".join(f"{arm} {np.mean(gains) * 100:+.2f}" if gains else f"{arm} n/a"
+                      for arm, gains in late.items()))
     real_test = np.array([real[s][0] for s in seeds])
     print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
     describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
