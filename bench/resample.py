@@ -26,13 +26,14 @@ generation units match SRC's key, so rerunning the same `evaluate` command on OU
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
 import shutil
 import sys
 from pathlib import Path
+
+from folders import seeds_to_generate, src_out_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,23 +110,14 @@ def pseudo_labeled_pool(seed_dir: Path, judges_dir: Path, folder: Path, settings
 def main() -> None:
     from MedDiffFTLib.cli import run_command
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, required=True, help="an evaluation folder with generations")
-    parser.add_argument("--out", type=Path, required=True, help="the new evaluation folder")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser = src_out_parser(__doc__, "an evaluation folder with generations", "the new evaluation folder")
     parser.add_argument("--sample-args", default="--samples 4 --qa-keep 2",
                         help="the sampling options of the evaluation's --run-args")
     parser.add_argument("--pool-judges", type=Path,
                         help="an evaluation folder of the same subsets whose real-only segmenters (2 repeats) "
                              "pseudo-label the unlabeled pool images to paint into")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(args.src / "settings.json", args.out / "settings.json")
-    for seed in args.seeds:
-        src, out = args.src / f"seed_{seed}", args.out / f"seed_{seed}"
-        if (out / "generation" / "manifest.json").is_file():
-            continue
-        out.mkdir(exist_ok=True)
+    for seed, src, out in seeds_to_generate(args):
         for name in ("subset.json", "labeled.csv", "unlabeled.csv", "generation.json", "generation.started.json",
                      "real_only.json", "real_only.safetensors"):
             shutil.copy(src / name, out / name)

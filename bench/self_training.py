@@ -20,7 +20,6 @@ bench/pool_subsets.py reads OUT like an evaluation folder (real only from --base
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -28,6 +27,8 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
+
+from folders import src_out_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,10 +42,8 @@ def main() -> None:
                                        read_split)
     from MedDiffFTLib.segmenter import SegmenterSettings
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, required=True, help="an evaluation folder re-sampled with --pool-judges")
-    parser.add_argument("--out", type=Path, required=True, help="the folder for the self-training records")
-    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser = src_out_parser(__doc__, "an evaluation folder re-sampled with --pool-judges",
+                            "the folder for the self-training records")
     parser.add_argument("--with-synthetic", action="store_true",
                         help="also SRC's generated pairs (seed_S/generation), mixed in with the pseudo-labeled images")
     args = parser.parse_args()
