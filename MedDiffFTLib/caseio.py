@@ -10,6 +10,7 @@ for MHA), because re-encoding geometry through SimpleITK's NRRD/NIfTI writers is
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -64,6 +65,11 @@ class Case:
     @property
     def channels(self) -> int:
         return 1 if self.image.ndim == 3 else self.image.shape[-1]
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content key of an image: which case it is, wherever its file lies."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
 
 
 def _require_file(path: str | os.PathLike, what: str) -> None:

@@ -49,7 +49,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run control")
     group.add_argument("--seed", type=int, default=0,
-                       help="seed for everything (training batches, noise; sample k uses SEED+k)")
+                       help="seed for everything (training batches; each case's sample k draws its lesion and "
+                            "noise from SEED, k and the case's image, so cases differ)")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="where to compute; auto = CUDA when available (default: auto)")
     group.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
@@ -438,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     masks = commands.add_parser("masks", help="draw new lesion masks only (to plan variants)",
                                 description="Draw new lesion masks for each case from a model "
                                             "folder's mask generator and write them as labels on "
-                                            "the case's grid (mask k uses seed --seed+k: the guide "
-                                            "mask `meddiffft sample` paints with that seed), with "
+                                            "the case's grid (mask k of a case is the guide mask "
+                                            "that `meddiffft sample` paints as that case's sample "
+                                            "k with the same --seed), with "
                                             "manifest.json.")
     masks.add_argument("--model", required=True, metavar="DIR", help="model folder (with mask_generator/)")
     _add_inputs(masks, what="cases")
@@ -760,6 +762,7 @@ def command_masks(args, progress: Progress) -> dict:
 
     from .backbone import read_model_card, resolve_device
     from .caseio import output_suffix, write_array
+    from .generate import sample_seed
     from .masks import make_mask_source
     from .outputs import staged_dir, write_json
     from .slicing import choose_axis
@@ -776,11 +779,11 @@ def command_masks(args, progress: Progress) -> dict:
         for case in cases:
             axis = choose_axis(case.spacing, card["slices"]["axis"], case.is_2d)
             for k in range(args.n):
-                proposal = source.propose(case.label, case.foreground, axis,
-                                          np.random.default_rng(args.seed + k), case)
+                seed = sample_seed(args.seed, case.image, k)
+                proposal = source.propose(case.label, case.foreground, axis, np.random.default_rng(seed), case)
                 name = f"mask_{len(entries) + 1:03d}{output_suffix(case, is_label=True)}"
                 write_array(case, proposal.label, tmp / name, is_label=True)
-                entries.append({"label": name, "seed": args.seed + k, "source_image": case.image_path,
+                entries.append({"label": name, "seed": seed, "source_image": case.image_path,
                                 "source_label": case.label_path, "axis": axis, **proposal.details})
                 advance(1)
         write_json(tmp / "manifest.json", {"masks": entries, "model": str(Path(args.model))})

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .backbone import Backbone, InpaintRequest
-from .caseio import Case, cast_like
+from .caseio import Case, cast_like, image_key
 from .corrosion import erode_label
 from .errors import MedDiffFTError, PlacementError
 from .masks import MaskSource, dilate, make_mask_source, place_label
@@ -41,8 +41,8 @@ SLICE_COHERENCE = {  # bench/coherence.py measures them (a shared noise seed mad
 
 @dataclass
 class SampleSettings:
-    """Sampling options (CLI names in brackets): samples [--samples], first seed [--seed; sample k
-    uses seed+k], solver steps [--sampling-steps], sampler [--sampler], start [--init noise |
+    """Sampling options (CLI names in brackets): samples [--samples], seed [--seed; sample k of a
+    case draws with ``sample_seed``], solver steps [--sampling-steps], sampler [--sampler], start [--init noise |
     transplant] and its [--strength], mask source [--mask-source / --jitter; the CLI's default,
     generator, needs the model folder: pass its source to generate_samples], label erosion
     [--erode auto|0|PX, --erode-changed], seam width in native
@@ -134,13 +134,21 @@ def _work_order(settings: SampleSettings, windows: list) -> tuple[list[list[int]
             for k in range(0, len(ids), settings.slice_batch)], {}
 
 
+def sample_seed(seed: int, image: np.ndarray, index: int) -> int:
+    """The seed of sample ``index`` of the case whose image is ``image`` (its new lesion's shape
+    and place, its noise): ``seed`` (--seed), the sample's number and the image's content, mixed.
+    Each case of a run thus gets its own lesions (seed + index alone gave every case of a run the
+    same few shapes), and a case's samples depend neither on the other cases, their order, nor
+    the process that makes them."""
+    return int(np.random.SeedSequence([seed, index, int(image_key(image), 16)]).generate_state(1)[0] >> 1)
+
+
 def generate_sample(backbone: Backbone, card: dict, bank: dict, case: Case, background: Case,
-                    settings: SampleSettings, index: int, check_cancel: Callable[[], None],
+                    settings: SampleSettings, seed: int, check_cancel: Callable[[], None],
                     mask_source: MaskSource) -> Sample:
-    """Make sample ``index`` (seed ``settings.seed + index``) of ``case`` on ``background``;
+    """Make the sample of ``case`` on ``background`` that ``seed`` (``sample_seed``) draws;
     ``check_cancel`` runs after every forward batch."""
     started = time.monotonic()
-    seed = settings.seed + index
     rng = np.random.default_rng(seed)
     slices_cfg = card["slices"]
     axis = choose_axis(background.spacing, slices_cfg["axis"], background.is_2d)
@@ -256,12 +264,13 @@ def generate_samples(backbone: Backbone, card: dict, bank: dict, case: Case, *,
     with progress.stage("sample", settings.samples) as advance:
         for index in range(settings.samples):
             background = backgrounds[index % len(backgrounds)]
+            seed = sample_seed(settings.seed, case.image, index)
             try:
                 sample = generate_sample(backbone, card, bank, case, background,
-                                         settings, index, progress.check_cancel, mask_source)
+                                         settings, seed, progress.check_cancel, mask_source)
             except PlacementError as exc:
                 sample = None
-                rejected.append({"seed": settings.seed + index, "source_image": case.image_path,
+                rejected.append({"seed": seed, "source_image": case.image_path,
                                  "background_image": background.image_path, "reason": str(exc)})
             advance(1)
             if sample is None:
@@ -276,10 +285,10 @@ def generate_samples(backbone: Backbone, card: dict, bank: dict, case: Case, *,
                     continue
             kept.append(sample)
     if keep_best is not None and len(kept) > keep_best:
-        ranked = sorted(kept, key=lambda s: (-s.details["qa"]["overall"], s.seed))
+        ranked = sorted(range(len(kept)), key=lambda i: -kept[i].details["qa"]["overall"])  # ties: sample order
         rejected += [{"seed": s.seed, "source_image": case.image_path, "background_image": s.background.image_path,
                       "reason": f"not among the best: passed, but the {keep_best} best of {settings.samples} "
                                 f"scored higher (overall {s.details['qa']['overall']})",
-                      "qa": s.details["qa"]} for s in ranked[keep_best:]]
-        kept = sorted(ranked[:keep_best], key=lambda s: s.seed)
+                      "qa": s.details["qa"]} for s in (kept[i] for i in ranked[keep_best:])]
+        kept = [kept[i] for i in sorted(ranked[:keep_best])]
     return kept, rejected

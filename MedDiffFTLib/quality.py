@@ -32,7 +32,6 @@ The reference (real features, ROIs, contrasts, fold segmenters) lives in the mod
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy import ndimage, stats
 
-from .caseio import Case
+from .caseio import Case, image_key
 from .errors import MedDiffFTError
 from .generate import Sample
 from .masks import dilate
@@ -200,11 +199,6 @@ def _knn_distance(features: np.ndarray, reference: np.ndarray, neighbours: int) 
     distances = np.linalg.norm(features[:, None, :] - reference[None, :, :], axis=-1)
     k = min(neighbours, reference.shape[0])
     return np.sort(distances, axis=1)[:, :k].mean(axis=1)
-
-
-def image_key(image: np.ndarray) -> str:
-    """Content key of an image (which training case a background is)."""
-    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ import SimpleITK as sitk
 from conftest import COMMON, SAMPLE_TINY, TRAIN_TINY, geometry, read
 from safetensors.torch import load_file
 
+from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import Cancelled
-from MedDiffFTLib.generate import seam_weights
+from MedDiffFTLib.generate import sample_seed, seam_weights
 
 SEAM = 3
 
@@ -245,7 +246,8 @@ def test_a_background_too_small_for_the_lesion_rejects_only_its_samples(tmp_path
         "--background", tmp_path / "large.png")
     result = manifest(tmp_path / "out")
     assert [e["background_image"] for e in result["samples"]] == [str(tmp_path / "large.png")]
-    assert [(e["seed"], e["background_image"]) for e in result["rejected"]] == [(0, str(tmp_path / "small.png"))]
+    assert [(e["seed"], e["background_image"]) for e in result["rejected"]] == [
+        (sample_seed(0, read_case(str(image_path), str(label_path)).image, 0), str(tmp_path / "small.png"))]
     assert "does not fit in the background ((1, 8, 8))" in result["rejected"][0]["reason"]
 
 

@@ -17,7 +17,7 @@ from MedDiffFTLib.caseio import read_case
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.backbone import load_model
 from MedDiffFTLib.errors import MedDiffFTError, PlacementError
-from MedDiffFTLib.generate import SampleSettings, generate_samples
+from MedDiffFTLib.generate import SampleSettings, generate_samples, sample_seed
 from MedDiffFTLib.mask_generator import (GeneratorMaskSource, GeometryBounds, MaskGenerator,
                                          MaskTrainSettings, frame_position, train_mask_generator)
 from MedDiffFTLib.masks import Proposal
@@ -233,6 +233,19 @@ def test_run_masks_command_and_erosion(tmp_path, volume_case):
             assert np.array_equal(guide, sitk.GetArrayFromImage(read(tmp_path / f"sample_{name}" / sample["label"])))
             assert mask["mask_seed"] == sample["mask_seed"] and sample["erode"]["removed_px"] == 0
             assert mask["placement_mode"] == sample["placement_mode"] == (placement[-1] if placement else "uniform")
+    # each case draws its own masks (not the same few shapes for every case of a run), and a case's
+    # masks depend neither on the other cases nor on their order
+    volume = read(image_path)
+    other = sitk.GetImageFromArray(sitk.GetArrayFromImage(volume)[::-1].copy())
+    other.CopyInformation(volume)
+    sitk.WriteImage(other, str(tmp_path / "other.nrrd"))
+    (tmp_path / "cases.csv").write_text(f"image,label\n{tmp_path / 'other.nrrd'},{label_path}\n{image_path},{label_path}\n")
+    run_command(["masks", "--model", model, "--cases", tmp_path / "cases.csv", "--n", "3", "--out", tmp_path / "masks_two",
+                 *COMMON])
+    two = json.loads((tmp_path / "masks_two" / "manifest.json").read_text())["masks"]
+    alone = json.loads((tmp_path / "masks_default" / "manifest.json").read_text())["masks"]
+    assert [m["mask_seed"] for m in two[3:]] == [m["mask_seed"] for m in alone]
+    assert len({m["mask_seed"] for m in two}) == 6
 
 
 def test_eroded_label_is_a_non_empty_subset_of_the_guide(pictures):
@@ -320,12 +333,13 @@ def test_a_lesion_that_cannot_be_placed_rejects_its_sample_and_no_sample_at_all_
                      "--allowed-region", tmp_path / "tiny.png", "--out", tmp_path / "out", *SAMPLE_TINY, *COMMON])
     assert not (tmp_path / "out").exists()
 
-    kept, rejected = generate_samples(*load_model(tmp_path / "m", torch.device("cpu")), read_case(str(image_path), str(label_path)),
+    case = read_case(str(image_path), str(label_path))
+    kept, rejected = generate_samples(*load_model(tmp_path / "m", torch.device("cpu")), case,
                                       settings=SampleSettings(samples=2, sampling_steps=2), progress=Progress(),
                                       mask_source=UnplaceableFirst())
-    assert [s.seed for s in kept] == [1]
-    assert rejected == [{"seed": 0, "source_image": str(image_path), "background_image": str(image_path),
-                        "reason": "no room for seed 0"}]
+    assert [s.seed for s in kept] == [sample_seed(0, case.image, 1)]
+    assert rejected == [{"seed": sample_seed(0, case.image, 0), "source_image": str(image_path),
+                         "background_image": str(image_path), "reason": "no room for seed 0"}]
 
 
 class UnplaceableFirst:

@@ -18,6 +18,7 @@ slicer = pytest.importorskip("slicer")
 import nrrd  # noqa: E402
 import vtk  # noqa: E402
 from MedDiffFTLib.errors import Cancelled, MedDiffFTError  # noqa: E402
+from MedDiffFTLib.generate import sample_seed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedDiffFT"))  # as Slicer does for a module folder
 
@@ -134,7 +135,7 @@ def test_generate_adds_pairs_on_the_input_grid_in_one_folder(case, workRoot):
     assert shNode.GetItemParent(result.folderItemId) == studyItem
     assert shNode.GetItemName(result.folderItemId) == "MedDiffFT CT"
     inputSegments = segmentationNode.GetSegmentation()
-    for seed, (synthVolume, synthSegmentation) in enumerate(zip(result.volumes, result.segmentations)):
+    for index, (synthVolume, synthSegmentation) in enumerate(zip(result.volumes, result.segmentations)):
         assert synthVolume.GetScene() is scene and synthSegmentation.GetScene() is scene
         np.testing.assert_array_equal(ijkToRas(synthVolume), before["matrix"])
         voxels = slicer.util.arrayFromVolume(synthVolume)
@@ -150,7 +151,7 @@ def test_generate_adds_pairs_on_the_input_grid_in_one_folder(case, workRoot):
         assert (lesion & LESION & ~CYST).sum() > (lesion & CYST).sum()
         for node in (synthVolume, synthSegmentation):
             assert shNode.GetItemParent(shNode.GetItemByDataNode(node)) == result.folderItemId
-            assert node.GetAttribute("MedDiffFT.Seed") == str(seed)
+            assert node.GetAttribute("MedDiffFT.Seed") == str(sample_seed(TINY["seed"], before["voxels"], index))
             assert node.GetAttribute("MedDiffFT.RunId") == result.runId
             assert json.loads(node.GetAttribute("MedDiffFT.Model"))["backbone"] == "compact"
             assert node.GetNodeReference(MRMLBridge.SOURCE_VOLUME_REFERENCE_ROLE) is volumeNode

@@ -215,21 +215,21 @@ def test_qa_keep_keeps_exactly_n_and_lists_the_rest(tmp_path):
     cases = [phantom_case(tmp_path, seed) for seed in range(3)]
     inputs = [arg for case in cases for arg in ("--image", case.image_path, "--label", case.label_path)]
     out = tmp_path / "out"
-    run_command(["run", *inputs, "--out", out, *TRAIN_TINY, *SAMPLE_TINY, "--samples", "3", "--qa", "on",
+    run_command(["run", *inputs, "--out", out, *TRAIN_TINY, *SAMPLE_TINY, "--samples", "5", "--qa", "on",
                  "--qa-keep", "1", "--mask-source", "label", "--init", "transplant", "--strength", "0.05",
                  *COMMON])
     manifest = json.loads((out / "manifest.json").read_text())
     kept, rejected = manifest["samples"], manifest["rejected"]
     assert [entry["source_image"] for entry in kept] == [case.image_path for case in cases]
     assert all(entry["qa"]["passed"] for entry in kept)
-    assert len(rejected) == 6 and all(entry["reason"] for entry in rejected)
+    assert len(rejected) == 12 and all(entry["reason"] for entry in rejected)
     for case, entry in zip(cases, kept):  # the kept one outscores every other passing one of its case
         others = [r for r in rejected if r["source_image"] == case.image_path and r["qa"]["passed"]]
-        assert all(r["reason"].startswith("not among the best: passed, but the 1 best of 3") and
+        assert all(r["reason"].startswith("not among the best: passed, but the 1 best of 5") and
                    r["qa"]["overall"] <= entry["qa"]["overall"] for r in others)
     qa = manifest["qa"]
-    assert (qa["kept"], qa["rejected"], qa["keep_best"]) == (3, 6, 1)
-    assert sum(qa["rejections_by_check"].values()) >= 6
+    assert (qa["kept"], qa["rejected"], qa["keep_best"]) == (3, 12, 1)
+    assert sum(qa["rejections_by_check"].values()) >= 12
     assert set(qa["thresholds"]) == {"realism_max_distance", "paint_min_contrast",
                                      "memorization_max_ssim", "faithfulness_min_dice", "healed_max_detected"}
     assert sorted(p.name for p in out.glob("sample_*_label.png")) == [

@@ -45,8 +45,8 @@ def calibrate(model_dir: Path, labeled_csv: Path) -> dict:
     import torch
 
     from MedDiffFTLib.backbone import MODEL_CARD, read_model_card
-    from MedDiffFTLib.caseio import read_case, read_cases_csv
-    from MedDiffFTLib.quality import QualityFilter, healed_bound, image_key
+    from MedDiffFTLib.caseio import image_key, read_case, read_cases_csv
+    from MedDiffFTLib.quality import QualityFilter, healed_bound
 
     card = read_model_card(model_dir)
     if "healed_max_detected" in card["quality"]["thresholds"]:
