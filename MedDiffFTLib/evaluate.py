@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .caseio import Case, cast_like, output_suffix, read_case, read_cases_csv, write_array
 from .errors import MedDiffFTError
-from .generate import Sample
+from .generate import SAMPLE_SEEDING, Sample
 from .masks import dilate
 from .outputs import atomic_file, partial_dir, write_json
 from .progress import Progress
@@ -705,8 +705,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         plans.append((seed, rows, real, steps))
     total = sum(generation_weight + settings.seg_repeats * sum(arm_budgets(steps, settings).values())
                 + (len(rows["unlabeled"]) if needs_pseudo else 0) for _, rows, _, steps in plans)
-    generation_inputs = {name: record[name] for name in ("train", "test", "k", "validation_cases", "unlabeled_pool",
-                                                         "synthetic_per_real", "run_args")}
+    generation_inputs = {**{name: record[name] for name in ("train", "test", "k", "validation_cases", "unlabeled_pool",
+                                                            "synthetic_per_real", "run_args")},
+                         "sample_seeding": SAMPLE_SEEDING}
     per_seed, grid = {}, ()
     with progress.stage("evaluate", total) as advance:
         bar = _Bar(advance)

@@ -38,6 +38,10 @@ SLICE_COHERENCE = {  # bench/coherence.py measures them (a shared noise seed mad
                  "each slice starting from its generated neighbour noised to --strength",
 }
 
+# Raised whenever a case's samples are seeded differently, so evaluate does not reuse generations
+# seeded another way (1: --seed + k for every case; 2: ``sample_seed``, per case).
+SAMPLE_SEEDING = 2
+
 
 @dataclass
 class SampleSettings:

@@ -6,10 +6,11 @@ a model made before the QA's healed check gets that check's threshold, calibrate
 segmenters and labeled cases (as fine-tuning now does: `quality.healed_bound`), and one made before
 `--placement learned` gets its lesions' positions from the same cases; the run's sampling
 is repeated with the same seed (`meddiffft sample`). With the evaluation's own sampling options the
-candidates are the same and only the QA differs. With --pool-judges the new lesions go into the
-subset's unlabeled pool images instead of its labeled cases, each image's own lesion under a
-pseudo-label from another evaluation folder's real-only segmenters (as `evaluate --backgrounds pool`
-does with its own; kept with --old-lesion keep). The result is a new evaluation folder (OUT) whose
+candidates are the same and only the QA differs (for a folder made before 2026-12-07, when every
+case drew with --seed + k, see generate.sample_seed, the candidates differ too). With --pool-judges
+the new lesions go into the subset's unlabeled pool images instead of its labeled cases, each
+image's own lesion under a pseudo-label from another evaluation folder's real-only segmenters (as
+`evaluate --backgrounds pool` does with its own; kept with --old-lesion keep). The result is a new evaluation folder (OUT) whose
 generation units match SRC's key, so rerunning the same `evaluate` command on OUT
 (bench/evaluate_busi.py --run-dir, with --seg-budget same-passes for a folder made before
 2026-12-07) trains only the arms. Prints, per seed, how many pairs SRC and OUT kept.
@@ -109,6 +110,8 @@ def pseudo_labeled_pool(seed_dir: Path, judges_dir: Path, folder: Path, settings
 
 def main() -> None:
     from MedDiffFTLib.cli import run_command
+    from MedDiffFTLib.generate import SAMPLE_SEEDING
+    from MedDiffFTLib.outputs import write_json
 
     parser = src_out_parser(__doc__, "an evaluation folder with generations", "the new evaluation folder")
     parser.add_argument("--sample-args", default="--samples 4 --qa-keep 2",
@@ -121,6 +124,9 @@ def main() -> None:
         for name in ("subset.json", "labeled.csv", "unlabeled.csv", "generation.json", "generation.started.json",
                      "real_only.json", "real_only.safetensors"):
             shutil.copy(src / name, out / name)
+        for name in ("generation.json", "generation.started.json"):  # sampled below, so seeded as now
+            record = json.loads((out / name).read_text())
+            write_json(out / name, {**record, "key": {**record["key"], "sample_seeding": SAMPLE_SEEDING}})
         model = out / "model.staged"
         shutil.rmtree(model, ignore_errors=True)
         shutil.copytree(src / "generation" / "model", model)
