@@ -61,6 +61,8 @@ PLATEAU_POINTS = 0.5  # a late validation gain above this many Dice points: the 
 # values (what every older unit trained with), so those units stay valid.
 UNKEYED_DEFAULTS = {"synthetic_until": 1.0, "lr_schedule": "constant"}
 ROI_PX = 32
+SYNTHETIC_METRICS = ("frd", "kid", "faithfulness_ratio", "memorization_rate", "shape_diversity_ratio",
+                     "background_preservation")  # per seed, averaged in the report
 
 
 @dataclass
@@ -242,19 +244,37 @@ def lesion_radiomics(images: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     return np.asarray(rows).reshape(len(rows), -1)
 
 
-def lesion_rois(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Each lesion's bounding box carried to ROI_PX x ROI_PX, zero-mean unit-norm (for NCC)."""
+def lesion_boxes(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Each lesion's bounding box of ``images`` carried to ROI_PX x ROI_PX, flattened."""
     out = []
     for image, mask in zip(images, masks):
         rows, cols = torch.nonzero(mask[0], as_tuple=True)
         if len(rows) == 0:
             continue
-        crop = image[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-        roi = torch.nn.functional.interpolate(crop[None], size=(ROI_PX, ROI_PX), mode="bilinear",
-                                              align_corners=False).reshape(-1)
-        roi = roi - roi.mean()
-        out.append(roi / (roi.norm() + 1e-6))
+        crop = image[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1].float()
+        out.append(torch.nn.functional.interpolate(crop[None], size=(ROI_PX, ROI_PX), mode="bilinear",
+                                                   align_corners=False).reshape(-1))
     return torch.stack(out) if out else torch.zeros((0, ROI_PX * ROI_PX))
+
+
+def lesion_rois(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Each lesion's box (``lesion_boxes``), zero-mean unit-norm (for NCC)."""
+    rois = lesion_boxes(images, masks)
+    rois = rois - rois.mean(dim=1, keepdim=True)
+    return rois / (rois.norm(dim=1, keepdim=True) + 1e-6)
+
+
+def shape_diversity(masks: torch.Tensor) -> float | None:
+    """Mean 1 - IoU over all pairs of lesion outlines, each lesion's box carried to ROI_PX (its
+    shape, not its size or place): 0 when every lesion has the same outline."""
+    shapes = (lesion_boxes(masks, masks) > 0.5).float()
+    if len(shapes) < 2:
+        return None
+    inter = shapes @ shapes.T
+    union = shapes.sum(1)[:, None] + shapes.sum(1)[None, :] - inter
+    iou = inter / union.clamp(min=1.0)
+    pairs = len(shapes) * (len(shapes) - 1)
+    return float(1.0 - (iou.sum() - iou.diagonal().sum()) / pairs)
 
 
 def memorization_rate(synthetic: Pairs, real: Pairs) -> float | None:
@@ -811,12 +831,14 @@ def _synthetic_metrics(generation_dir: Path, entries: list[dict], lesions: Pairs
     seed's generated lesions (``dice``: the judge's, per slice)."""
     test_dice = arms["real_only"]["repeats"][0]  # the judge's own test Dice (repeat 0), not the repeats' mean
     real_lesions = (real[0][real[1].flatten(1).any(1)], real[1][real[1].flatten(1).any(1)])
+    diversity = shape_diversity(lesions[1]), shape_diversity(real_lesions[1])
     return {"synthetic_pairs": len(entries),
             "faithfulness_dice": float(dice.mean()),
             "faithfulness_ratio": float(dice.mean()) / test_dice if test_dice > 0 else None,
             "frd": frechet_distance(lesion_radiomics(*real_lesions), lesion_radiomics(*lesions)),
             "kid": kid(encoder_features(judge, *real_lesions), encoder_features(judge, *lesions)),
             "memorization_rate": memorization_rate(lesions, real_lesions),
+            "shape_diversity_ratio": diversity[0] / diversity[1] if None not in diversity and diversity[1] > 0 else None,
             "background_preservation": background_preservation(generation_dir, entries)}
 
 
@@ -863,7 +885,7 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
         interval = test.confidence_interval(0.95) if test is not None else (float("nan"),) * 2
         report[f"delta_dice{suffix}_ci95"] = ([float(interval[0]), float(interval[1])] if np.isfinite(interval).all()
                                               else None)  # the delta's paired-t 95 % interval: is a gain of G excluded?
-    for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
+    for key in SYNTHETIC_METRICS:
         report[key] = _mean_defined(per_seed[s].get(key) for s in seeds)
     report["per_seed_synthetic"] = [{"seed": s, **{k: v for k, v in per_seed[s].items()
                                                    if k not in ("arms", "timings")}}
@@ -879,6 +901,9 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
                                       "kid": "KID (cubic polynomial MMD^2) on the real-only segmenter's "
                                              "lesion-pooled encoder features",
                                       "memorization": f"lesion box NCC > {MEMORIZATION_NCC} with a training lesion",
+                                      "shape_diversity_ratio": "mean 1 - IoU over pairs of lesion outlines (each "
+                                                               "box scaled to a square), synthetic / the K real "
+                                                               "lesions' (0: one outline repeated)",
                                       "faithfulness_ratio": "real-only segmenter's Dice on synthetic "
                                                             "pairs / on the test cases"}}
     report["timings"] = {"total_seconds": round(sum(unit["seconds"] for s in seeds
@@ -932,7 +957,7 @@ def report_markdown(report: dict, arms: list[str]) -> str:
                          f"+- {_number(report[f'delta_dice{suffix}_sd'] * 100, 2)} points"
                          + (f" (95 % interval {interval[0] * 100:.2f} to {interval[1] * 100:.2f})" if interval else "")
                          + f", paired t-test p = {_number(report[f'paired_p_value{suffix}'])}.")
-    for key in ("frd", "kid", "faithfulness_ratio", "memorization_rate", "background_preservation"):
+    for key in SYNTHETIC_METRICS:
         if key in report:
             lines.append(f"- {key}: {_number(report[key], 4)}")
     if any("synthetic" in ARMS[arm][1] for arm in arms):

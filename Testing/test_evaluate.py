@@ -17,7 +17,7 @@ from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
                                    late_validation_gain, load_segmenter, memorization_rate, pair_dice,
-                                   pseudo_label, report_markdown, write_pseudo_labels)
+                                   pseudo_label, report_markdown, shape_diversity, write_pseudo_labels)
 from MedDiffFTLib.segmenter import train_segmenter
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
@@ -80,7 +80,8 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
     interval = " to ".join(f"{bound * 100:.2f}" for bound in report["delta_dice_ci95"])
     assert f"(95 % interval {interval})" in (tmp_path / "a" / "report.md").read_text()
     assert done["delta_dice_mean"] == report["delta_dice_mean"]
-    for key in ("paired_p_value", "frd", "kid", "faithfulness_ratio", "memorization_rate", "settings", "timings"):
+    for key in ("paired_p_value", "frd", "kid", "faithfulness_ratio", "memorization_rate", "shape_diversity_ratio",
+                "settings", "timings"):
         assert key in report
     assert report["background_preservation"] == 1.0  # compact backbone: exact outside mask + seam
     for arm in ("real_only", "real_no_aug", "real_plus_copy_paste"):  # --seg-budget same-steps: a mixed arm's
@@ -259,6 +260,14 @@ def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_a
     lesions[:, :, 4:12, 4:12] = 1
     assert memorization_rate((textured[:1], lesions[:1]), (textured, lesions)) == 1.0
     assert memorization_rate((1 - textured[:1], lesions[:1]), (textured[:1], lesions[:1])) == 0.0
+    # shape diversity sees outlines, not sizes or places: a square anywhere at any size is one shape
+    yy, xx = np.mgrid[:16, :16]
+    disc = torch.from_numpy((yy - 8) ** 2 + (xx - 8) ** 2 <= 25).float()[None]
+    squares = torch.stack([lesions[0], torch.roll(lesions[0], 3, dims=2), torch.zeros(1, 16, 16)])
+    squares[2, 0, 2:6, 9:13] = 1
+    assert shape_diversity(squares) == 0.0 and shape_diversity(squares[:1]) is None
+    one_disc = shape_diversity(torch.cat([squares, disc[None]]))
+    assert 0.0 < one_disc < shape_diversity(torch.cat([squares[:2], disc[None], disc[None]]))
     features = np.random.default_rng(0).normal(size=(400, 4))
     assert abs(kid(features[:200], features[200:])) < 0.01 < 1.0 < kid(features, features + 1.0)
 
