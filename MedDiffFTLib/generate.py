@@ -46,8 +46,8 @@ SAMPLE_SEEDING = 2
 @dataclass
 class SampleSettings:
     """Sampling options (CLI names in brackets): samples [--samples], seed [--seed; sample k of a
-    case draws with ``sample_seed``], solver steps [--sampling-steps], sampler [--sampler], start [--init noise |
-    transplant] and its [--strength], mask source [--mask-source / --jitter; the CLI's default,
+    case draws with ``sample_seed``], solver steps [--sampling-steps], sampler [--sampler], start
+    [--init noise | transplant] and its [--strength], mask source [--mask-source / --jitter; the CLI's default,
     generator, needs the model folder: pass its source to generate_samples], label erosion
     [--erode auto|0|PX, --erode-changed], seam width in native
     px [--seam, at most 8], slices per forward pass [--slice-batch], how the slices of a volume

@@ -8,12 +8,12 @@ SRC's recipe (--run-args of its settings.json, the same seed and unlabeled pretr
 labeled cases plus the pseudo-labeled images, then paints into those images as SRC did
 (--sample-args). OUT then reads like SRC for bench/self_training.py --with-synthetic:
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python bench/pseudo_finetune.py --src .busi/run_pool \\
+    OMP_NUM_THREADS=1 nice .venv/bin/python bench/pseudo_finetune.py --src .busi/run_pool_div \\
         --out .busi/run_pool_pft --seeds 0 2 4 6
     OMP_NUM_THREADS=1 nice .venv/bin/python bench/self_training.py --src .busi/run_pool_pft \\
         --out .busi/run_pseudo_syn_pft --seeds 0 2 4 6 --with-synthetic
     .venv/bin/python bench/pool_subsets.py .busi/run_pseudo_syn_pft --baseline .busi/run_e2000 \\
-        --versus .busi/run_pseudo_syn
+        --versus .busi/run_pseudo_syn_div
 """
 
 from __future__ import annotations
