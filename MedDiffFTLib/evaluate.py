@@ -277,6 +277,12 @@ def shape_diversity(masks: torch.Tensor) -> float | None:
     return float(1.0 - (iou.sum() - iou.diagonal().sum()) / pairs)
 
 
+def shape_diversity_ratio(synthetic_masks: torch.Tensor, real_masks: torch.Tensor) -> float | None:
+    """``shape_diversity`` of the synthetic lesions over the real ones' (None where undefined)."""
+    synthetic, real = shape_diversity(synthetic_masks), shape_diversity(real_masks)
+    return synthetic / real if synthetic is not None and real else None
+
+
 def memorization_rate(synthetic: Pairs, real: Pairs) -> float | None:
     """Share of synthetic lesions whose box correlates (NCC) above MEMORIZATION_NCC with a training
     lesion box: the backgrounds are real by design, so only the painted lesion can be copied."""
@@ -831,14 +837,13 @@ def _synthetic_metrics(generation_dir: Path, entries: list[dict], lesions: Pairs
     seed's generated lesions (``dice``: the judge's, per slice)."""
     test_dice = arms["real_only"]["repeats"][0]  # the judge's own test Dice (repeat 0), not the repeats' mean
     real_lesions = (real[0][real[1].flatten(1).any(1)], real[1][real[1].flatten(1).any(1)])
-    diversity = shape_diversity(lesions[1]), shape_diversity(real_lesions[1])
     return {"synthetic_pairs": len(entries),
             "faithfulness_dice": float(dice.mean()),
             "faithfulness_ratio": float(dice.mean()) / test_dice if test_dice > 0 else None,
             "frd": frechet_distance(lesion_radiomics(*real_lesions), lesion_radiomics(*lesions)),
             "kid": kid(encoder_features(judge, *real_lesions), encoder_features(judge, *lesions)),
             "memorization_rate": memorization_rate(lesions, real_lesions),
-            "shape_diversity_ratio": diversity[0] / diversity[1] if None not in diversity and diversity[1] > 0 else None,
+            "shape_diversity_ratio": shape_diversity_ratio(lesions[1], real_lesions[1]),
             "background_preservation": background_preservation(generation_dir, entries)}
 
 

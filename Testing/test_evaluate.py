@@ -17,7 +17,8 @@ from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
                                    late_validation_gain, load_segmenter, memorization_rate, pair_dice,
-                                   pseudo_label, report_markdown, shape_diversity, write_pseudo_labels)
+                                   pseudo_label, report_markdown, shape_diversity, shape_diversity_ratio,
+                                   write_pseudo_labels)
 from MedDiffFTLib.segmenter import train_segmenter
 
 SEG_TINY = ["--resolution", "32", "--seg-epochs", "4", "--seg-batch-size", "2", "--validation-cases", "1"]
@@ -268,6 +269,10 @@ def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_a
     assert shape_diversity(squares) == 0.0 and shape_diversity(squares[:1]) is None
     one_disc = shape_diversity(torch.cat([squares, disc[None]]))
     assert 0.0 < one_disc < shape_diversity(torch.cat([squares[:2], disc[None], disc[None]]))
+    mixed = torch.cat([squares[:2], disc[None], disc[None]])
+    assert shape_diversity_ratio(mixed, squares) is None  # real outlines all alike: no scale to compare with
+    assert shape_diversity_ratio(mixed, torch.cat([squares, disc[None]])) == pytest.approx(
+        shape_diversity(mixed) / one_disc)
     features = np.random.default_rng(0).normal(size=(400, 4))
     assert abs(kid(features[:200], features[200:])) < 0.01 < 1.0 < kid(features, features + 1.0)
 

@@ -41,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = json.loads((args.src / "settings.json").read_text())
     for seed, src, out in seeds_to_generate(args):
-        shutil.copy(src / "subset.json", out / "subset.json")
+        for name in ("subset.json", "labeled.csv"):
+            shutil.copy(src / name, out / name)
         shutil.copytree(src / "pseudo", out / "pseudo", dirs_exist_ok=True)
         rows = read_cases_csv(str(src / "labeled.csv")) + read_cases_csv(str(out / "pseudo" / "cases.csv"))
         (out / "finetune.csv").write_text("image,label\n" + "".join(f"{image},{label}\n" for image, label in rows))

@@ -10,10 +10,10 @@ candidates are the same and only the QA differs (for a folder made before 2026-1
 case drew with --seed + k, see generate.sample_seed, the candidates differ too). With --pool-judges
 the new lesions go into the subset's unlabeled pool images instead of its labeled cases, each
 image's own lesion under a pseudo-label from another evaluation folder's real-only segmenters (as
-`evaluate --backgrounds pool` does with its own; kept with --old-lesion keep). The result is a new evaluation folder (OUT) whose
-generation units match SRC's key, so rerunning the same `evaluate` command on OUT
-(bench/evaluate_busi.py --run-dir, with --seg-budget same-passes for a folder made before
-2026-12-07) trains only the arms. Prints, per seed, how many pairs SRC and OUT kept.
+`evaluate --backgrounds pool` does with its own; kept with --old-lesion keep). The result is a new
+evaluation folder (OUT) whose generation units match SRC's key, so rerunning the same `evaluate`
+command on OUT (bench/evaluate_busi.py --run-dir, with --seg-budget same-passes for a folder made
+before 2026-12-07) trains only the arms. Prints, per seed, how many pairs SRC and OUT kept.
 
     nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1h \
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2"

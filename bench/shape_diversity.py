@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     from MedDiffFTLib.caseio import read_case, read_cases_csv
-    from MedDiffFTLib.evaluate import _stack, case_tensors, generated_lesions, shape_diversity
+    from MedDiffFTLib.evaluate import _stack, case_tensors, generated_lesions, shape_diversity_ratio
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", type=Path, nargs="+", help="evaluation folders with seed_S/generation")
@@ -36,7 +36,7 @@ def main() -> None:
             (_, generated), _, _ = generated_lesions(seed_dir / "generation", entries, resolution)
             _, real = _stack([case_tensors(read_case(image, label), resolution, lesion_slices_only=True)
                               for image, label in read_cases_csv(str(seed_dir / "labeled.csv"))], resolution)
-            ratios.append(shape_diversity(generated) / shape_diversity(real))
+            ratios.append(shape_diversity_ratio(generated, real))
             seeds.append(f"{len({entry['mask_seed'] for entry in entries})}/{len(entries)}")
         print(f"{folder}: shape diversity ratio {np.mean(ratios):.2f} (per seed "
               f"{', '.join(f'{r:.2f}' for r in ratios)}); distinct mask seeds / pairs per seed: "
