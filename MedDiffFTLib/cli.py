@@ -207,9 +207,11 @@ def _add_placement(group) -> None:
                             "default: the image's body (Otsu foreground)")
     group.add_argument("--old-lesion", default="heal", choices=OLD_LESION,
                        help="the background's own lesion: heal (default; painted over as tissue, "
-                            "the label no longer marks it) or keep (with --mask-source generator: "
+                            "the label no longer marks it), keep (with --mask-source generator: "
                             "it stays real and labeled, and the new lesion is placed clear of it, "
-                            "so no half-healed lesion can sit under a background label)")
+                            "so no half-healed lesion can sit under a background label) or cover "
+                            "(with --mask-source generator: the new lesion, 1-2x its area, is "
+                            "painted over it, so the image keeps one lesion, all of it labeled)")
     group.add_argument("--placement", default="uniform", choices=PLACEMENTS,
                        help="where in the allowed region a generated lesion goes: uniform (default; "
                             "anywhere) or learned (near where a labeled lesion lies in its image, "

@@ -47,6 +47,9 @@ CANDIDATES = 4  # shapes sampled per model call
 MAX_TRIES = 16
 NOVELTY_IOU = 0.95  # a new shape must overlap every training shape less than this
 REAL_SIZE_SD = 0.25  # lesion_size real: log-normal spread around a real lesion's area (about +-28 %)
+COVER_GROWTH = (1.0, 2.0)  # old_lesion cover: the new lesion's area over the old one's (largest slice)
+COVER_SPREAD = 0.03  # old_lesion cover: sd of the new lesion's centre around the old one's (frame fraction)
+COVER_MARGIN_PX = 2  # old_lesion cover: the old lesion, dilated by this, lies inside the new one
 
 
 @dataclass
@@ -268,12 +271,16 @@ class GeneratorMaskSource:
     real lesions' range (``lesion_size`` range), or around that real lesion's own size (real: the
     labeled sizes' distribution; on BUSI's keep pairs, range gave new lesions of 0.3 times the
     labeled lesions' median area, real 0.6: a large lesion often finds no room beside the kept
-    one). The background's own lesion is healed, or with ``keep_old`` kept, labeled, and kept
-    clear of like any other label."""
+    one). The background's own lesion (``old_lesion``) is healed; or kept, labeled, and kept
+    clear of like any other label; or covered: the new lesion is centred on it, 1-2 times its
+    area, and joined with it dilated by ``COVER_MARGIN_PX``, so it is painted over as part of the
+    new lesion and the image keeps one lesion, with no half-healed remnant under a background
+    label (only a given ``allowed_region`` bounds it; on a background without a lesion, cover
+    places like keep)."""
 
     generator: MaskGenerator
     allowed_region: str | None = None
-    keep_old: bool = False
+    old_lesion: str = "heal"
     placement: str = "uniform"
     lesion_size: str = "range"
     bounds: GeometryBounds = field(default_factory=GeometryBounds)
@@ -303,7 +310,14 @@ class GeneratorMaskSource:
         noise = torch.Generator().manual_seed(seed)
         allowed = slice_stack(self.region(background), axis)
         margin = max(2, round(self.bounds.margin * min(allowed.shape[1:])))
-        others = slice_stack(background.label != 0 if self.keep_old else (label != 0) & ~foreground, axis)
+        old = slice_stack(background.foreground, axis)
+        cover = self.old_lesion == "cover" and bool(old.any())
+        if cover and self.allowed_region is None:  # anchored on the old lesion, whose dark rim or
+            allowed = np.ones_like(allowed)  # shadow the body outline often leaves out
+        if self.old_lesion == "heal":
+            others = slice_stack((label != 0) & ~foreground, axis)
+        else:  # keep: every label is an obstacle; cover: every label but the lesion it covers
+            others = slice_stack((background.label != 0) & ~(background.foreground & cover), axis)
         if self.allowed_region is not None and not os.path.isfile(self.allowed_region):
             others = others & ~allowed  # the segment the lesion goes into (e.g. the organ) is no obstacle
         forbidden = ~allowed | np.stack([ndimage.distance_transform_edt(~plane) <= margin if plane.any()
@@ -311,8 +325,14 @@ class GeneratorMaskSource:
         forbidden[:, :margin], forbidden[:, -margin:] = True, True
         forbidden[:, :, :margin], forbidden[:, :, -margin:] = True, True
         peaks = [max(lesion["areas"]) for lesion in self.generator.lesions]
-        low = min(peaks) / self.bounds.area_slack
-        high = max(peaks) * self.bounds.area_slack
+        if cover:  # around the old lesion, whatever the labeled lesions' range
+            old_peak = float(old.reshape(len(old), -1).sum(axis=1).max())
+            low, high = (old_peak * growth for growth in COVER_GROWTH)
+            target = frame_position((np.argwhere(old).min(axis=0) + np.argwhere(old).max(axis=0)) / 2,
+                                    old.shape).round(4).tolist()
+        else:
+            low = min(peaks) / self.bounds.area_slack
+            high = max(peaks) * self.bounds.area_slack
         candidates: list[np.ndarray] = []
         for _ in range(MAX_TRIES):
             if not candidates:  # whole shapes (not cut by the frame) first
@@ -322,28 +342,35 @@ class GeneratorMaskSource:
                 continue
             shape = candidates.pop(0)
             lesion_index = int(draw.integers(len(self.generator.lesions)))
-            if self.lesion_size == "real":
+            if cover:
+                area = float(np.exp(draw.uniform(np.log(low), np.log(max(low, high)))))
+            elif self.lesion_size == "real":
                 area = float(np.clip(peaks[lesion_index] * np.exp(draw.normal(0.0, REAL_SIZE_SD)), low, high))
             else:
                 area = float(np.exp(draw.uniform(np.log(low), np.log(max(low, high)))))
             lesion, geometry = self._sweep(shape, self.generator.lesions[lesion_index], area, draw)
             peak = int(lesion.reshape(len(lesion), -1).sum(axis=1).max()) if lesion.any() else 0
-            if not low <= peak <= high:
+            slack = self.bounds.area_slack if cover else 1.0  # the range's own slack otherwise
+            if not low / slack <= peak <= high * slack:
                 continue
             novelty = max(self.generator.novelty(plane) for plane in lesion if plane.any())
             if novelty >= NOVELTY_IOU:
                 continue
-            target = self._target(lesion_index, draw)
-            start = _place(forbidden, lesion, draw, target, self.bounds.spread)
+            if not cover:
+                target = self._target(lesion_index, draw)
+            start = _place(forbidden, lesion, draw, target, COVER_SPREAD if cover else self.bounds.spread)
             if start is None:
                 high = max(low, math.sqrt(low * high))  # a smaller lesion may fit
                 continue
             new = np.zeros(allowed.shape, dtype=bool)
             new[tuple(slice(s, s + e) for s, e in zip(start, lesion.shape))] = lesion
+            if cover:
+                new = _cover(new, old)
+                peak = int(new.reshape(len(new), -1).sum(axis=1).max())
             new = np.moveaxis(new, 0, axis)
             values, counts = np.unique(label[foreground], return_counts=True)
             value = values[np.argmax(counts)] if len(values) else 1
-            if self.keep_old:  # the background's own labels, its lesion included
+            if self.old_lesion != "heal":  # the background's own labels, its lesion included
                 out_label = background.label.copy()
             else:  # the healed old lesion takes the label around it
                 _, nearest = ndimage.distance_transform_edt(foreground, return_indices=True)
@@ -355,8 +382,8 @@ class GeneratorMaskSource:
                        "allowed_region": self.allowed_region or "body", "placement_mode": self.placement,
                        "lesion_size": self.lesion_size,
                        **({"placement_target": target} if target is not None else {}),
-                       "old_lesion": "keep" if self.keep_old else "heal", **geometry}
-            healed = np.zeros_like(background.foreground) if self.keep_old else background.foreground.copy()
+                       "old_lesion": self.old_lesion, **geometry}
+            healed = background.foreground.copy() if self.old_lesion == "heal" else np.zeros_like(background.foreground)
             return Proposal(out_label, new, details, healed)
         raise PlacementError(f"The mask generator could not place a new lesion ({low:.0f}-{high:.0f} px) "
                              f"inside the allowed region in {MAX_TRIES} tries: give a larger "
@@ -415,6 +442,14 @@ class GeneratorMaskSource:
             box = np.argwhere(lesion)
             lesion = lesion[tuple(slice(a, b + 1) for a, b in zip(box.min(axis=0), box.max(axis=0)))]
         return lesion, {"rotation_deg": round(angle, 2), "flip": flip, "zoom": round(zoom, 4)}
+
+
+def _cover(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """The placed new lesion joined with the old one dilated by ``COVER_MARGIN_PX`` in each slice,
+    holes filled, so that the old lesion and its edge lie inside what is painted (slice stacks)."""
+    grown = np.stack([ndimage.binary_dilation(plane, iterations=COVER_MARGIN_PX) if plane.any() else plane
+                      for plane in old])
+    return np.stack([ndimage.binary_fill_holes(plane) for plane in new | grown])
 
 
 def _place(forbidden: np.ndarray, lesion: np.ndarray, draw: np.random.Generator,

@@ -170,7 +170,7 @@ def place_label(label: np.ndarray, foreground: np.ndarray, shape: tuple[int, ...
 
 
 MASK_SOURCES = ("label", "jitter", "generator")
-OLD_LESION = ("heal", "keep")
+OLD_LESION = ("heal", "keep", "cover")
 PLACEMENTS = ("uniform", "learned")
 LESION_SIZES = ("range", "real")
 
@@ -195,10 +195,13 @@ def check_mask_source(name: str, *, allowed_region: str | None = None, old_lesio
     if allowed_region is not None and name != "generator":
         raise MedDiffFTError(f"--allowed-region places generated lesions (--mask-source generator); "
                              f"with --mask-source {name} drop it.")
-    if old_lesion == "keep" and name != "generator":
-        raise MedDiffFTError(f"--old-lesion keep adds a generated lesion next to the old one "
+    if old_lesion != "heal" and name != "generator":
+        raise MedDiffFTError(f"--old-lesion {old_lesion} places a generated lesion by the old one "
                              f"(--mask-source generator); --mask-source {name} repaints the old lesion "
                              "itself: drop --old-lesion or use --mask-source generator.")
+    if old_lesion == "cover" and (placement != "uniform" or lesion_size != "range"):
+        raise MedDiffFTError("--old-lesion cover places and sizes the new lesion by the old one it covers: "
+                             "drop --placement and --lesion-size.")
 
 
 def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
@@ -207,7 +210,8 @@ def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
                      device: "torch.device | None" = None) -> MaskSource:
     """The run's mask source; ``generator`` loads the mask model from ``model_dir`` once.
     ``old_lesion`` keep: a generated lesion is added next to the background's own lesion, which
-    stays real and labeled (heal: it is painted over as tissue). ``placement`` learned: near a
+    stays real and labeled (heal: it is painted over as tissue; cover: the new lesion is painted
+    over it). ``placement`` learned: near a
     labeled lesion's relative position (uniform: anywhere in the allowed region). ``lesion_size``
     real: about the size of a labeled lesion (range: anywhere in the labeled lesions' size range,
     log-uniform)."""
@@ -225,5 +229,5 @@ def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
         raise MedDiffFTError("--mask-source generator needs the model folder: build the source with "
                              "make_mask_source('generator', model_dir=...) and pass it to generate_samples.")
     generator = MaskGenerator.load(model_dir, device or torch.device("cpu"))
-    return GeneratorMaskSource(generator, allowed_region, keep_old=old_lesion == "keep", placement=placement,
+    return GeneratorMaskSource(generator, allowed_region, old_lesion=old_lesion, placement=placement,
                                lesion_size=lesion_size)

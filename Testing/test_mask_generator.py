@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from MedDiffFTLib.backbone import load_model
 from MedDiffFTLib.errors import MedDiffFTError, PlacementError
 from MedDiffFTLib.generate import SampleSettings, generate_samples, sample_seed
 from MedDiffFTLib.mask_generator import (GeneratorMaskSource, GeometryBounds, MaskGenerator,
-                                         MaskTrainSettings, frame_position, train_mask_generator)
+                                         COVER_MARGIN_PX, MaskTrainSettings, frame_position,
+                                         train_mask_generator)
 from MedDiffFTLib.masks import Proposal
 from MedDiffFTLib.phantom import ultrasound_phantom
 from MedDiffFTLib.progress import Progress
@@ -164,6 +166,35 @@ def test_real_lesion_sizes_follow_the_labeled_lesion_each_new_one_is_drawn_from(
     assert real.max() < 0.8 and real.mean() < 0.5 * spread.mean(), (real, spread)
 
 
+def test_a_covering_lesion_holds_the_old_one_where_it_lies(pictures):
+    """--old-lesion cover: the new lesion is one piece that holds the old one dilated by
+    COVER_MARGIN_PX, centred near it, 1-2 times its area (with the area slack) plus that margin, and
+    the label marks it alone; on a background without a lesion it is placed as keep places it."""
+    cases, generator, _ = pictures
+    source = GeneratorMaskSource(generator, old_lesion="cover")
+    slack = GeometryBounds().area_slack
+    for case in cases:
+        old = case.foreground[0]
+        grown = ndimage.binary_dilation(old, iterations=COVER_MARGIN_PX)
+        outlines = []
+        for seed in range(3):
+            proposal = source.propose(case.label, case.foreground, 0, np.random.default_rng(seed), case)
+            new = proposal.foreground[0]
+            assert new[grown].all() and ndimage.label(new)[1] == 1
+            assert grown.sum() <= new.sum() <= 2 * slack * old.sum() + grown.sum()
+            assert np.linalg.norm(ndimage.center_of_mass(new) - np.asarray(ndimage.center_of_mass(old))) < 10
+            assert np.array_equal(proposal.label[0] != 0, new) and not proposal.healed.any()
+            assert proposal.details["old_lesion"] == "cover"
+            outlines.append(new)
+        assert not np.array_equal(outlines[0], outlines[1])
+    blank = replace(cases[0], label=np.zeros_like(cases[0].label), foreground=np.zeros_like(cases[0].foreground))
+    keep = GeneratorMaskSource(generator, old_lesion="keep")
+    for seed in range(2):
+        covered = source.propose(cases[1].label, cases[1].foreground, 0, np.random.default_rng(seed), blank)
+        kept = keep.propose(cases[1].label, cases[1].foreground, 0, np.random.default_rng(seed), blank)
+        assert covered.foreground.any() and np.array_equal(covered.foreground, kept.foreground)
+
+
 def test_volume_lesions_are_coherent_in_3d(tmp_path):
     cases = []
     for seed in range(2):
@@ -281,7 +312,10 @@ def test_missing_generator_and_misplaced_options_name_the_fix(tmp_path, picture_
                                              r"generator\); --mask-source label keeps the case's own lesion size: "
                                              r"drop --lesion-size\."):
         run_command([*sample, "--mask-source", "label", "--lesion-size", "real"])
-    with pytest.raises(MedDiffFTError, match=r"--old-lesion keep adds a generated lesion next to the old one "
+    with pytest.raises(MedDiffFTError, match=r"--old-lesion cover places and sizes the new lesion by the old "
+                                             r"one it covers: drop --placement and --lesion-size\."):
+        run_command([*sample, "--old-lesion", "cover", "--lesion-size", "real"])
+    with pytest.raises(MedDiffFTError, match=r"--old-lesion keep places a generated lesion by the old one "
                                              r"\(--mask-source generator\); --mask-source jitter repaints the "
                                              r"old lesion itself: drop --old-lesion or use --mask-source generator\."):
         run_command(["run", "--image", image_path, "--label", label_path, "--out", tmp_path / "r", *TRAIN_TINY,
@@ -293,15 +327,16 @@ def test_missing_generator_and_misplaced_options_name_the_fix(tmp_path, picture_
     assert not (tmp_path / "r").exists()
 
 
-def test_a_kept_old_lesion_stays_real_and_labeled_beside_the_new_one(tmp_path, picture_case):
+def test_the_old_lesion_is_kept_beside_healed_under_or_covered_by_the_new_one(tmp_path, picture_case):
     """--old-lesion keep: the real lesion's pixels are bit-exact, the label marks it and the new
-    lesion (placed clear of it); heal (the default) repaints it and drops it from the label."""
+    lesion (placed clear of it); heal (the default) repaints it and drops it from the label; cover
+    repaints it inside one new labeled lesion that holds it with a margin."""
     image_path, label_path = picture_case
     run_command(["finetune", "--image", image_path, "--label", label_path, "--model-out", tmp_path / "m",
                  *TRAIN_TINY, "--qa", "off", *COMMON])
     source = np.asarray(Image.open(image_path))
     old = np.asarray(Image.open(label_path)) > 0
-    for mode in ("keep", "heal"):
+    for mode in ("keep", "heal", "cover"):
         out = tmp_path / mode
         run_command(["sample", "--model", tmp_path / "m", "--image", image_path, "--label", label_path,
                      "--erode", "0", "--old-lesion", mode, "--out", out, *SAMPLE_TINY, *COMMON])
@@ -313,9 +348,13 @@ def test_a_kept_old_lesion_stays_real_and_labeled_beside_the_new_one(tmp_path, p
             if mode == "keep":
                 assert np.array_equal(image[old], source[old]) and (label[old]).all()
                 assert ndimage.distance_transform_edt(~old)[new].min() > 3  # the placement margin
-            else:  # the old lesion's unlabeled rest is repainted
+            elif mode == "heal":  # the old lesion's unlabeled rest is repainted
                 healed = old & ~label
                 assert healed.any() and not np.array_equal(image[healed], source[healed])
+            else:
+                assert label[ndimage.binary_dilation(old, iterations=COVER_MARGIN_PX)].all()
+                assert ndimage.label(label)[1] == 1 and label.sum() >= old.sum()
+                assert not np.array_equal(image[old], source[old])
 
 
 def test_a_lesion_that_cannot_be_placed_rejects_its_sample_and_no_sample_at_all_is_an_error(tmp_path, picture_case):

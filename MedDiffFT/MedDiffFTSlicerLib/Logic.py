@@ -61,7 +61,7 @@ class MedDiffFTParameterNode:
     baseModel: str = ""
     guidanceScale: Annotated[float, WithinRange(1.0, 20.0)] = 3.0
     maskSource: Annotated[str, Choice(["generator", "jitter", "label"])] = "generator"
-    oldLesion: Annotated[str, Choice(["heal", "keep"])] = "heal"
+    oldLesion: Annotated[str, Choice(["heal", "keep", "cover"])] = "heal"
     placement: Annotated[str, Choice(["uniform", "learned"])] = "uniform"
     qa: bool = True
     erode: str = "auto"
