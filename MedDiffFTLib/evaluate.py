@@ -338,13 +338,16 @@ def faithful_pairs(per_pair: np.ndarray, min_dice: float) -> list[int]:
     return [i for i, value in enumerate(per_pair) if min_dice <= 0 or value >= min_dice]
 
 
-def pseudo_label(judges: list[torch.nn.Module], case: Case, resolution: int) -> np.ndarray | None:
+def pseudo_label(judges: list[torch.nn.Module], case: Case, resolution: int, *,
+                 min_agreement: float = PSEUDO_MIN_AGREEMENT, union: bool = False) -> np.ndarray | None:
     """A case's lesion where the real-only segmenters (one per --seg-repeats) agree: their mean
     logit, slice by slice along the case's slicing axis (a 2D case: its one plane), upsampled to the
     slice, cut to the largest connected component of the whole case, holes filled in each slice
     (bool, the case's layout); None where their own masks agree over the case at a Dice below
-    PSEUDO_MIN_AGREEMENT or find nothing. A pool case so labeled is a background whose own lesion
-    can be kept under a label (--backgrounds pool)."""
+    ``min_agreement`` or find nothing. A pool case so labeled is a background whose own lesion
+    can be kept under a label (--backgrounds pool). With ``union`` their largest logit instead:
+    where any of them finds the lesion, the region a lesion painted over it (--old-lesion cover)
+    must hold."""
     from scipy import ndimage
 
     axis = choose_axis(case.spacing, "auto", case.is_2d)
@@ -356,9 +359,9 @@ def pseudo_label(judges: list[torch.nn.Module], case: Case, resolution: int) -> 
     masks = logits.flatten(1)[:, None, None] > 0  # each judge's whole case as one image for the Dice
     agreement = np.mean([dice_per_image(masks[i], masks[j])[0]
                          for i, j in itertools.combinations(range(len(judges)), 2)])
-    native = F.interpolate(logits.mean(0), size=planes.shape[1:3], mode="bilinear",
+    native = F.interpolate(logits.amax(0) if union else logits.mean(0), size=planes.shape[1:3], mode="bilinear",
                            align_corners=False)[:, 0].numpy() > 0
-    if agreement < PSEUDO_MIN_AGREEMENT or not native.any():
+    if agreement < min_agreement or not native.any():
         return None
     components, count = ndimage.label(native)
     largest = components == 1 + int(np.argmax(ndimage.sum_labels(native, components, range(1, count + 1))))
@@ -547,15 +550,15 @@ def _generate(seed_dir: Path, seed: int, key: dict, rows: dict, settings: Evalua
 
 
 def write_pseudo_labels(judges: list[torch.nn.Module], pool: list[tuple[str, str | None]], folder: Path,
-                        resolution: int) -> tuple[list[tuple[str, str]], list[float]]:
-    """Pseudo-label each pool case (``pseudo_label``) and write the labels into ``folder`` like its
-    image, with folder/cases.csv listing them; returns the (image, pseudo-label) rows and, where the
-    case has its own label, each pseudo-label's Dice against it (a diagnosis: nothing trains on
-    those labels)."""
+                        resolution: int, **options) -> tuple[list[tuple[str, str]], list[float]]:
+    """Pseudo-label each pool case (``pseudo_label`` with ``options``) and write the labels into
+    ``folder`` like its image, with folder/cases.csv listing them; returns the (image, pseudo-label)
+    rows and, where the case has its own label, each pseudo-label's Dice against it (a diagnosis:
+    nothing trains on those labels)."""
     rows, dice = [], []
     for index, (image, label) in enumerate(pool):
         case = read_case(image, label, require_label=False)
-        mask = pseudo_label(judges, case, resolution)
+        mask = pseudo_label(judges, case, resolution, **options)
         if mask is None:
             continue
         path = folder / f"pool_{index:03d}{output_suffix(case, is_label=True)}"

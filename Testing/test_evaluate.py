@@ -394,6 +394,10 @@ def test_pseudo_label_is_where_the_segmenters_agree_cut_to_the_largest_lesion_on
     assert 2 * (mask[0] & truth).sum() / (mask.sum() + truth.sum()) > 0.9
     assert pseudo_label([_BrightJudge(), _ConstantJudge(1.0)], case, 32) is None  # they disagree
     assert pseudo_label([_ConstantJudge(-1.0), _ConstantJudge(-1.0)], case, 32) is None  # agree on nothing
+    # union, any agreement: where either finds the lesion (the region --old-lesion cover must hold)
+    found = pseudo_label([_BrightJudge(), _ConstantJudge(-1.0)], case, 32, min_agreement=0.0, union=True)
+    assert 2 * (found & mask).sum() / (found.sum() + mask.sum()) > 0.95 and not found[0, :6, :6].any()
+    assert pseudo_label([_BrightJudge(), _ConstantJudge(1.0)], case, 32, min_agreement=0.0, union=True).all()
 
 
 def test_pseudo_label_of_a_volume_is_slice_wise_and_keeps_its_largest_3d_lesion_on_the_volume_grid(tmp_path):

@@ -10,10 +10,13 @@ candidates are the same and only the QA differs (for a folder made before 2026-1
 case drew with --seed + k, see generate.sample_seed, the candidates differ too). With --pool-judges
 the new lesions go into the subset's unlabeled pool images instead of its labeled cases, each
 image's own lesion under a pseudo-label from another evaluation folder's real-only segmenters (as
-`evaluate --backgrounds pool` does with its own; kept with --old-lesion keep). The result is a new
-evaluation folder (OUT) whose generation units match SRC's key, so rerunning the same `evaluate`
-command on OUT (bench/evaluate_busi.py --run-dir, with --seg-budget same-passes for a folder made
-before 2026-12-07) trains only the arms. Prints, per seed, how many pairs SRC and OUT kept.
+`evaluate --backgrounds pool` does with its own; kept with --old-lesion keep); with --pool-labels
+detected into every pool image where either segmenter finds a lesion, under the union of their
+masks (with --old-lesion cover the new lesion is painted over that region, so it need only hold
+the lesion, not agree on its outline). The result is a new evaluation folder (OUT) whose
+generation units match SRC's key, so rerunning the same `evaluate` command on OUT
+(bench/evaluate_busi.py --run-dir, with --seg-budget same-passes for a folder made before
+2026-12-07) trains only the arms. Prints, per seed, how many pairs SRC and OUT kept.
 
     nice .venv/bin/python bench/resample.py --src /tmp/busi_eval/run_v1e --out /tmp/busi_eval/run_v1h \
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2"
@@ -23,6 +26,8 @@ before 2026-12-07) trains only the arms. Prints, per seed, how many pairs SRC an
         --seeds 0 1 2 3 4 --sample-args "--samples 4 --qa-keep 2 --old-lesion keep --placement learned"
     nice .venv/bin/python bench/resample.py --src .busi/run_keep --out .busi/run_pool --seeds 0 1 2 3 \
         --pool-judges .busi/run_e2000 --sample-args "--samples 2 --qa-keep 1 --old-lesion keep"
+    nice .venv/bin/python bench/resample.py --src .busi/run_keep --out .busi/run_pool_cover_all --seeds 0 1 \
+        --pool-judges .busi/run_e2000 --pool-labels detected --sample-args "--samples 2 --qa-keep 1 --old-lesion cover"
 """
 
 from __future__ import annotations
@@ -85,11 +90,12 @@ def add_positions(model_dir: Path, labeled_csv: Path) -> None:
     write_json(path, {"lesions": lesions})
 
 
-def pseudo_labeled_pool(seed_dir: Path, judges_dir: Path, folder: Path, settings: dict) -> Path:
+def pseudo_labeled_pool(seed_dir: Path, judges_dir: Path, folder: Path, settings: dict, **options) -> Path:
     """Pseudo-label the unlabeled pool images of ``seed_dir`` with ``judges_dir``'s real-only
     segmenters of the same subset, as `meddiffft evaluate --backgrounds pool` does with its own
-    (evaluate.pseudo_label); writes the labels and a cases CSV into ``folder``. Prints how many
-    images got one and, as a diagnosis only (never used), their Dice against the pool's true labels."""
+    (evaluate.pseudo_label, with ``options``); writes the labels and a cases CSV into ``folder``.
+    Prints how many images got one and, as a diagnosis only (never used), their Dice against the
+    pool's true labels."""
     import numpy as np
     import torch
 
@@ -102,8 +108,8 @@ def pseudo_labeled_pool(seed_dir: Path, judges_dir: Path, folder: Path, settings
     true_labels = {os.path.abspath(image): label for image, label in read_cases_csv(settings["train"])}
     folder.mkdir(parents=True, exist_ok=True)
     pool = [(image, true_labels[image]) for image, _ in read_cases_csv(str(seed_dir / "unlabeled.csv"))]
-    rows, dice = write_pseudo_labels(judges, pool, folder, settings["segmenter"]["resolution"])
-    print(f"{seed_dir.name}: {len(rows)} of {len(pool)} pool images pseudo-labeled; their Dice against the true "
+    rows, dice = write_pseudo_labels(judges, pool, folder, settings["segmenter"]["resolution"], **options)
+    print(f"{seed_dir.name}: {len(rows)} of {len(pool)} pool images pseudo-labeled {options or ''}; their Dice against the true "
           f"labels (diagnosis only): mean {np.mean(dice):.3f}, min {np.min(dice):.3f}", flush=True)
     return folder / "cases.csv"
 
@@ -119,6 +125,11 @@ def main() -> None:
     parser.add_argument("--pool-judges", type=Path,
                         help="an evaluation folder of the same subsets whose real-only segmenters (2 repeats) "
                              "pseudo-label the unlabeled pool images to paint into")
+    parser.add_argument("--pool-labels", choices=("agreed", "detected"), default="agreed",
+                        help="with --pool-judges, the pool images painted into: agreed (those whose lesion the "
+                             "judges agree on, under that pseudo-label) or detected (every image where either "
+                             "judge finds a lesion, under the union of their masks: the region that "
+                             "--old-lesion cover paints over); seed_S/pseudo holds the agreed ones either way")
     args = parser.parse_args()
     for seed, src, out in seeds_to_generate(args):
         for name in ("subset.json", "labeled.csv", "unlabeled.csv", "generation.json", "generation.started.json",
@@ -133,9 +144,12 @@ def main() -> None:
         entry = calibrate(model, out / "labeled.csv")
         add_positions(model, out / "labeled.csv")
         shutil.rmtree(out / "generation", ignore_errors=True)
-        cases = (pseudo_labeled_pool(out, args.pool_judges / f"seed_{seed}", out / "pseudo",
-                                     json.loads((args.src / "settings.json").read_text()))
-                 if args.pool_judges else out / "labeled.csv")
+        cases = out / "labeled.csv"
+        if args.pool_judges:
+            judges, recorded = args.pool_judges / f"seed_{seed}", json.loads((args.src / "settings.json").read_text())
+            cases = pseudo_labeled_pool(out, judges, out / "pseudo", recorded)
+            if args.pool_labels == "detected":
+                cases = pseudo_labeled_pool(out, judges, out / "detected", recorded, min_agreement=0.0, union=True)
         run_command(["sample", "--model", str(model), "--cases", str(cases), "--seed", str(seed),
                      "--device", "cpu", "--progress", "none", "--out", str(out / "generation"),
                      *shlex.split(args.sample_args)])
