@@ -342,7 +342,8 @@ def _add_evaluate(commands) -> None:
                           help="what the synthetic arm's new lesions are painted into: labeled (default; the "
                                "K labeled cases) or pool (the unlabeled pool images whose lesion the real-only "
                                "segmenters, --seg-repeats 2 or more, agree on, under that pseudo-label; with "
-                               "--old-lesion keep in --run-args it stays beside the new lesion)")
+                               "--old-lesion keep in --run-args it stays beside the new lesion, with cover the "
+                               "new lesion is painted over it)")
     evaluate.add_argument("--seg-epochs", type=int, default=1000,
                           help="segmenter budget in passes over the K cases' slices; the best-validation "
                                "checkpoint is kept (default 1000)")
@@ -430,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--paint-into", metavar="CSV",
                      help="cases (image,label) to generate from instead of the fine-tuning cases, "
                           "e.g. unlabeled images whose lesion a segmenter marked (with --old-lesion "
-                          "keep it stays under its label); default: the fine-tuning cases")
+                          "keep it stays under its label, with cover it is painted over); default: the "
+                          "fine-tuning cases")
     run.add_argument("--out", required=True, metavar="DIR", help="output folder")
     run.add_argument("--resume", action="store_true",
                      help="keep an interrupted run's work in .OUT.partial next to OUT and continue "

@@ -10,8 +10,9 @@ images and the synthetic pairs together (beside self-training: the generator's s
 Usage (a run folder is resumable; a larger --seeds reuses finished seeds; the defaults are the
 protocol of the README's best synthetic setting by validation: 5 subsets, 1000 segmenter epochs,
 every arm the same steps, half of each batch synthetic, the 400 + 800-step generator painting into
-the pseudo-labeled pool images with --old-lesion keep; QA with the healed check; two segmenter
-seeds per arm and subset, averaged; before 2026-12-07 the default painted into the labeled cases):
+the pseudo-labeled pool images with --old-lesion cover, a new lesion painted over each image's own;
+QA with the healed check; two segmenter seeds per arm and subset, averaged; before 2026-12-07 the
+default painted into the labeled cases, then beside the pool image's lesion, --old-lesion keep):
   nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval
 On 2 cores: two processes (--first-seed 0 --seeds 3, --first-seed 3 --seeds 2), then one plain
 call collects the report (about 25 min per subset on one core of the development machine).
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="same-steps: every arm the mixed arm's steps (the README's rows before 2026-12-07 "
                              "used same-passes, where the mixed arm trained twice as long)")
     parser.add_argument("--run-args", default="--resolution 64 --scale fit --train-steps 800 --pretrain-steps 400 "
-                                              "--batch-size 4 --samples 4 --qa-keep 2 --old-lesion keep")
+                                              "--batch-size 4 --samples 4 --qa-keep 2 --old-lesion cover")
     parser.add_argument("--arms",
                         default="real_only,real_plus_synthetic,real_no_aug,real_plus_copy_paste,"
                                 "real_plus_pseudo_labels,real_plus_pseudo_labels_and_synthetic")
