@@ -328,8 +328,8 @@ class GeneratorMaskSource:
         if cover:  # around the old lesion, whatever the labeled lesions' range
             old_peak = float(old.reshape(len(old), -1).sum(axis=1).max())
             low, high = (old_peak * growth for growth in COVER_GROWTH)
-            target = frame_position((np.argwhere(old).min(axis=0) + np.argwhere(old).max(axis=0)) / 2,
-                                    old.shape).round(4).tolist()
+            voxels = np.argwhere(old)
+            target = frame_position((voxels.min(axis=0) + voxels.max(axis=0)) / 2, old.shape).round(4).tolist()
         else:
             low = min(peaks) / self.bounds.area_slack
             high = max(peaks) * self.bounds.area_slack
@@ -342,9 +342,7 @@ class GeneratorMaskSource:
                 continue
             shape = candidates.pop(0)
             lesion_index = int(draw.integers(len(self.generator.lesions)))
-            if cover:
-                area = float(np.exp(draw.uniform(np.log(low), np.log(max(low, high)))))
-            elif self.lesion_size == "real":
+            if self.lesion_size == "real" and not cover:
                 area = float(np.clip(peaks[lesion_index] * np.exp(draw.normal(0.0, REAL_SIZE_SD)), low, high))
             else:
                 area = float(np.exp(draw.uniform(np.log(low), np.log(max(low, high)))))

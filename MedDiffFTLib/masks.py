@@ -211,10 +211,9 @@ def make_mask_source(name: str, *, model_dir: str | os.PathLike | None = None,
     """The run's mask source; ``generator`` loads the mask model from ``model_dir`` once.
     ``old_lesion`` keep: a generated lesion is added next to the background's own lesion, which
     stays real and labeled (heal: it is painted over as tissue; cover: the new lesion is painted
-    over it). ``placement`` learned: near a
-    labeled lesion's relative position (uniform: anywhere in the allowed region). ``lesion_size``
-    real: about the size of a labeled lesion (range: anywhere in the labeled lesions' size range,
-    log-uniform)."""
+    over it). ``placement`` learned: near a labeled lesion's relative position (uniform: anywhere in
+    the allowed region). ``lesion_size`` real: about the size of a labeled lesion (range: anywhere
+    in the labeled lesions' size range, log-uniform)."""
     check_mask_source(name, allowed_region=allowed_region, old_lesion=old_lesion, placement=placement,
                       lesion_size=lesion_size)
     if name == "label":
