@@ -109,8 +109,9 @@ def pseudo_labeled_pool(seed_dir: Path, judges_dir: Path, folder: Path, settings
     folder.mkdir(parents=True, exist_ok=True)
     pool = [(image, true_labels[image]) for image, _ in read_cases_csv(str(seed_dir / "unlabeled.csv"))]
     rows, dice = write_pseudo_labels(judges, pool, folder, settings["segmenter"]["resolution"], **options)
-    print(f"{seed_dir.name}: {len(rows)} of {len(pool)} pool images pseudo-labeled {options or ''}; their Dice against the true "
-          f"labels (diagnosis only): mean {np.mean(dice):.3f}, min {np.min(dice):.3f}", flush=True)
+    print(f"{seed_dir.name}: {len(rows)} of {len(pool)} pool images pseudo-labeled{f' {options}' if options else ''}; "
+          f"their Dice against the true labels (diagnosis only): mean {np.mean(dice):.3f}, min {np.min(dice):.3f}",
+          flush=True)
     return folder / "cases.csv"
 
 
