@@ -852,7 +852,12 @@ def _synthetic_metrics(generation_dir: Path, entries: list[dict], lesions: Pairs
 
 def _summary(values: list[float]) -> dict:
     array = np.asarray(values, dtype=np.float64)
-    return {"dice_mean": float(array.mean()), "dice_sd": float(array.std(ddof=1)) if len(array) > 1 else 0.0}
+    return {"dice_mean": float(array.mean()), "dice_sd": _spread(array)}
+
+
+def _spread(values) -> float | None:
+    """Sample sd; None for one value, whose spread is unknown (not zero)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def _mean_defined(values) -> float | None:
@@ -886,7 +891,7 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
         before = [per_seed[s]["arms"][baseline]["dice_mean"] for s in seeds]
         delta = np.subtract(after, before)
         report[f"delta_dice{suffix}_mean"] = float(np.mean(delta))
-        report[f"delta_dice{suffix}_sd"] = float(np.std(delta, ddof=1)) if len(delta) > 1 else 0.0
+        report[f"delta_dice{suffix}_sd"] = _spread(delta)
         test = stats.ttest_rel(after, before) if len(seeds) > 1 else None
         p_value = test.pvalue if test is not None else float("nan")
         report[f"paired_p_value{suffix}"] = float(p_value) if np.isfinite(p_value) else None
@@ -926,14 +931,14 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
 # Report files
 
 
-def _number(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _number(value, digits: int = 3, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
 
 
 def report_markdown(report: dict, arms: list[str]) -> str:
     settings = report["settings"]
     lines = ["# MedDiffFT evaluation", "",
-             f"K = {settings['k']} labeled cases per seed, {len(report['real_only']['per_seed'])} seeds "
+             f"K = {settings['k']} labeled cases per seed, {len(report['real_only']['per_seed'])} seed(s) "
              f"(a different random K-subset each), {settings['test_cases']} test cases, "
              f"unlabeled pool for the backbone: {'on' if settings['unlabeled_pool_used'] else 'off'}; "
              f"{settings['seg_repeats']} segmenter(s) per arm and seed ({settings['segmenter']['lr_schedule']} "
@@ -948,7 +953,7 @@ def report_markdown(report: dict, arms: list[str]) -> str:
         seeds = ", ".join(_number(s["dice"]) for s in row["per_seed"])
         gain = row["late_val_gain_mean"]
         lines.append(f"| {arm} | {_number(row['dice_mean'])} | {_number(row['dice_sd'])} | "
-                     f"{_number(row['hd95_mean'], 1)} | {_number(None if gain is None else gain * 100, 2)} | {seeds} |")
+                     f"{_number(row['hd95_mean'], 1)} | {_number(gain, 2, scale=100)} | {seeds} |")
     lines += ["", "Late validation gain: mean validation Dice over the last quarter of the budget minus the "
               "quarter before; about 0 once an arm has plateaued.", ""]
     rising = [arm for arm in arms if (report[arm]["late_val_gain_mean"] or 0.0) * 100 > PLATEAU_POINTS]
@@ -961,8 +966,8 @@ def report_markdown(report: dict, arms: list[str]) -> str:
                                                                      for _, _, name, meaning in COMPARISONS]:
         if f"delta_dice{suffix}_mean" in report:
             interval = report[f"delta_dice{suffix}_ci95"]
-            lines.append(f"Delta Dice ({meaning}): {_number(report[f'delta_dice{suffix}_mean'] * 100, 2)} "
-                         f"+- {_number(report[f'delta_dice{suffix}_sd'] * 100, 2)} points"
+            lines.append(f"Delta Dice ({meaning}): {_number(report[f'delta_dice{suffix}_mean'], 2, scale=100)} "
+                         f"+- {_number(report[f'delta_dice{suffix}_sd'], 2, scale=100)} points"
                          + (f" (95 % interval {interval[0] * 100:.2f} to {interval[1] * 100:.2f})" if interval else "")
                          + f", paired t-test p = {_number(report[f'paired_p_value{suffix}'])}.")
     for key in SYNTHETIC_METRICS:

@@ -175,6 +175,11 @@ def test_segmenter_repeats_average_their_dice_and_keep_the_first_repeat_s_record
     # same passes over the real cases: half of each mixed batch is real, so twice the real-only steps
     steps = {arm: before[arm]["per_seed"][0]["steps_run"] for arm in ("real_only", "real_plus_synthetic")}
     assert steps["real_plus_synthetic"] == 2 * steps["real_only"]
+    # one seed has no spread to report: unknown, not zero
+    assert before["real_only"]["dice_sd"] is None and before["delta_dice_sd"] is None
+    markdown = (out / "report.md").read_text()
+    assert "1 seed(s)" in markdown and f"| real_only | {before['real_only']['dice_mean']:.3f} | n/a |" in markdown
+    assert "Delta Dice (real + synthetic - real only): " in markdown and "+- n/a points" in markdown
     single = before["real_only"]["per_seed"][0]
     trained = (out / "seed_0" / "real_only.json").stat().st_mtime_ns
     evaluate(split, out, "--seeds", "1", "--seg-repeats", "2", "--seg-budget", "same-passes")
