@@ -15,7 +15,8 @@ QA with the healed check; two segmenter seeds per arm and subset, averaged; befo
 default painted into the labeled cases, then beside the pool image's lesion, --old-lesion keep):
   nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval
 On 2 cores: two processes (--first-seed 0 --seeds 3, --first-seed 3 --seeds 2), then one plain
-call collects the report (about 25 min per subset on one core of the development machine).
+call collects the report (45-48 min per subset on one core of the development machine with four arms,
+real only, synthetic, pseudo-labels and both: 15-17 min of it the generation; 2026-12-07).
 
 With --max-side PX the cases are first copied, shrunk to at most PX px a side, into WORK/cases/,
 and the CSVs name them relative to WORK: such a WORK folder runs anywhere (bench/gpu_busi.sh
