@@ -968,7 +968,8 @@ def report_markdown(report: dict, arms: list[str]) -> str:
             interval = report[f"delta_dice{suffix}_ci95"]
             lines.append(f"Delta Dice ({meaning}): {_number(report[f'delta_dice{suffix}_mean'], 2, scale=100)} "
                          f"+- {_number(report[f'delta_dice{suffix}_sd'], 2, scale=100)} points"
-                         + (f" (95 % interval {interval[0] * 100:.2f} to {interval[1] * 100:.2f})" if interval else "")
+                         + (" (95 % interval {} to {})".format(*(_number(b, 2, scale=100) for b in interval))
+                            if interval else "")
                          + f", paired t-test p = {_number(report[f'paired_p_value{suffix}'])}.")
     for key in SYNTHETIC_METRICS:
         if key in report:
