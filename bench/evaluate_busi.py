@@ -16,7 +16,8 @@ default painted into the labeled cases, then beside the pool image's lesion, --o
   nice -n 10 .venv/bin/python bench/evaluate_busi.py --work /tmp/busi_eval
 On 2 cores: two processes (--first-seed 0 --seeds 3, --first-seed 3 --seeds 2), then one plain
 call collects the report (45-48 min per subset on one core of the development machine with four arms,
-real only, synthetic, pseudo-labels and both: 15-17 min of it the generation; 2026-12-07).
+real only, synthetic, pseudo-labels and both: 15-17 min of it the generation; 29-33 min with
+real only and synthetic; 2026-12-07).
 
 With --max-side PX the cases are first copied, shrunk to at most PX px a side, into WORK/cases/,
 and the CSVs name them relative to WORK: such a WORK folder runs anywhere (bench/gpu_busi.sh
