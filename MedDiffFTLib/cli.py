@@ -332,18 +332,20 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--arms", default="real_only,real_plus_synthetic",
                           help="comma-separated arms: real_only (strong augmentation), "
                                "real_plus_synthetic, real_no_aug, real_plus_copy_paste (labeled lesions "
-                               "pasted into other labeled cases, judged by the generation's QA), "
+                               "pasted into other labeled cases, or with --backgrounds pool into the "
+                               "pseudo-labeled pool images, judged by the generation's QA), "
                                "real_plus_pseudo_labels (the pool images the real-only segmenters agree on, "
                                "with their pseudo-labels: self-training, what --backgrounds pool's pairs hold "
                                "before anything is painted), real_plus_pseudo_labels_and_synthetic (those images "
                                "and the synthetic pairs together; beside real_plus_pseudo_labels the report gives "
                                "the generator's share) (default: real_only,real_plus_synthetic)")
     evaluate.add_argument("--backgrounds", default="labeled", metavar="labeled|pool",
-                          help="what the synthetic arm's new lesions are painted into: labeled (default; the "
-                               "K labeled cases) or pool (the unlabeled pool images whose lesion the real-only "
-                               "segmenters, --seg-repeats 2 or more, agree on, under that pseudo-label; with "
-                               "--old-lesion keep in --run-args it stays beside the new lesion, with cover the "
-                               "new lesion is painted over it)")
+                          help="what the synthetic arm's new lesions are painted (the copy-paste arm's pasted) "
+                               "into: labeled (default; the K labeled cases) or pool (the unlabeled pool images "
+                               "whose lesion the real-only segmenters, --seg-repeats 2 or more, agree on, under "
+                               "that pseudo-label; with --old-lesion keep in --run-args it stays beside the new "
+                               "lesion, with cover the new lesion is painted over it; a pasted lesion lies at "
+                               "its own place, the old one kept)")
     evaluate.add_argument("--seg-epochs", type=int, default=1000,
                           help="segmenter budget in passes over the K cases' slices; the best-validation "
                                "checkpoint is kept (default 1000)")

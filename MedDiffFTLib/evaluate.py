@@ -49,7 +49,7 @@ ARMS = {"real_no_aug": ("none", ()), "real_only": ("strong", ()),
 # real_only. The generator's share: what the painted pairs add to the pseudo-labeled pool images.
 COMPARISONS = (("real_plus_pseudo_labels_and_synthetic", "real_plus_pseudo_labels", "synthetic_beyond_pseudo_labels",
                 "the generator's share: real + pseudo-labels + synthetic - real + pseudo-labels"),)
-BACKGROUNDS = ("labeled", "pool")  # what the synthetic arm's new lesions are painted into (--backgrounds)
+BACKGROUNDS = ("labeled", "pool")  # what the synthetic and copy-paste arms' new lesions go into (--backgrounds)
 # The real-only segmenters' Dice with each other that a pool image needs to get a pseudo-label; set
 # before the BUSI run, not tuned (K=20: 26-51 of 100 pool images, their Dice against the withheld
 # true labels 0.74-0.84 on average)
@@ -78,7 +78,7 @@ class EvaluateSettings:
     seg_budget: str = "same-steps"  # every arm the steps a mixed arm needs for those passes | "same-passes"
     seg_repeats: int = 1          # segmenters per arm and seed, each with its own seed; Dice averaged
     faithful_min_dice: float = 0.0  # synthetic pairs the real-only segmenter finds at this Dice; 0 = all
-    backgrounds: str = "labeled"  # paint into the K labeled cases | the pseudo-labeled pool images
+    backgrounds: str = "labeled"  # paint (or paste) into the K labeled cases | the pseudo-labeled pool images
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     run_args: list[str] = field(default_factory=list)  # forwarded to `meddiffft run`
     device: str = "auto"
@@ -158,20 +158,23 @@ def on_grid(case: Case, target: Case) -> tuple[np.ndarray, np.ndarray]:
     return cast_like(image, case).astype(target.image.dtype, copy=False), foreground
 
 
-def copy_paste_cases(cases: list[Case], count: int, seed: int,
-                     quality: QualityFilter | None = None) -> tuple[list[Case], list[dict]]:
+def copy_paste_cases(cases: list[Case], count: int, seed: int, quality: QualityFilter | None = None,
+                     recipients: list[Case] | None = None) -> tuple[list[Case], list[dict]]:
     """Context baseline: a real lesion (its labeled pixels, resized with its case to the other's
-    grid) pasted at its place into another real case; the label is the union of both. With
-    ``quality`` (the run's QA) each pair is judged as a synthetic one is, except memorization: a
-    pasted lesion is a training lesion by design. Returns the kept pairs and every pair's QA scores."""
+    grid) pasted at its place into another real case, one of ``recipients`` when given (the
+    pseudo-labeled pool images, as --backgrounds pool paints into) or else another of ``cases``; the
+    label is the union of both. With ``quality`` (the run's QA) each pair is judged as a synthetic
+    one is, except memorization: a pasted lesion is a training lesion by design. Returns the kept
+    pairs and every pair's QA scores."""
     donors = [i for i, case in enumerate(cases) if case.foreground.any()]
-    if len(cases) < 2 or not donors:
+    if (len(cases) < 2 and not recipients) or not donors:
         return [], []
     rng = np.random.default_rng(seed)
     kept, scores = [], []
     for n in range(count):
         donor = donors[n % len(donors)]
-        recipient = cases[int(rng.choice([i for i in range(len(cases)) if i != donor]))]
+        recipient = (recipients[int(rng.integers(len(recipients)))] if recipients
+                     else cases[int(rng.choice([i for i in range(len(cases)) if i != donor]))])
         image, lesion = on_grid(cases[donor], recipient)
         pasted = np.where(lesion[..., None] if image.ndim > lesion.ndim else lesion, image, recipient.image)
         union = recipient.foreground | lesion
@@ -697,7 +700,8 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
         raise MedDiffFTError(f"Unknown --backgrounds {settings.backgrounds!r}; use one of {', '.join(BACKGROUNDS)}.")
     extra_sources = {source for arm in settings.arms for source in ARMS[arm][1]}
     needs_generation = "synthetic" in extra_sources
-    needs_pseudo = (needs_generation and settings.backgrounds == "pool") or "pseudo_labels" in extra_sources
+    into_pool = settings.backgrounds == "pool" and bool({"synthetic", "copy_paste"} & extra_sources)
+    needs_pseudo = into_pool or "pseudo_labels" in extra_sources
     if needs_pseudo and settings.seg_repeats < 2:
         raise MedDiffFTError("--backgrounds pool and the pseudo-label arms pseudo-label the pool images where the "
                              "real-only segmenters agree: pass --seg-repeats 2 or more.")
@@ -770,7 +774,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                 if "copy_paste" in sources else {}),
                              **({"synthetic_per_real": settings.synthetic_per_real}
                                 if {"synthetic", "copy_paste"} & set(sources) else {}),
-                             **({"pseudo_labels": pseudo_key} if "pseudo_labels" in sources else {})}
+                             **({"pseudo_labels": pseudo_key} if "pseudo_labels" in sources else {}),
+                             **({"backgrounds": "pool", "pseudo_labels": pseudo_key}
+                                if "copy_paste" in sources and settings.backgrounds == "pool" else {})}
                 arms[arm] = _train_arm(seed_dir, arm, seed, keys[arm], budget, real, validation, extra, test,
                                        settings, device, bar)
                 timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}
@@ -817,8 +823,9 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                synthetic_pairs_used=len(used))
             if "real_plus_copy_paste" in settings.arms:
                 quality = _run_quality(seed_dir / "generation" / "model", device) if needs_generation else None
+                into = [read_case(image, label) for image, label in pool_rows] if into_pool else None
                 pasted, qa_scores = copy_paste_cases([read_case(image, label) for image, label in rows["labeled"]],
-                                                     settings.synthetic_per_real * settings.k, seed, quality)
+                                                     settings.synthetic_per_real * settings.k, seed, quality, into)
                 extra["copy_paste"] = _stack([case_tensors(case, resolution, lesion_slices_only=True)
                                               for case in pasted], resolution)
                 qa_summary["copy_paste_qa"] = ({"kept": len(pasted), "candidates": len(qa_scores)}
@@ -991,7 +998,8 @@ def report_markdown(report: dict, arms: list[str]) -> str:
         qa = [row.get("copy_paste_qa") for row in report["per_seed_synthetic"]]
         lines.append("- copy-paste pairs: " + ("through the generation's QA (memorization not judged), kept "
                                                + ", ".join(f"{q['kept']}/{q['candidates']}" for q in qa)
-                                               if all(qa) else "not filtered (no QA reference)"))
+                                               if all(qa) else "not filtered (no QA reference)")
+                     + f"; pasted into the {settings['backgrounds']} images (--backgrounds)")
     lines += ["", f"Total time: {report['timings']['total_seconds']} s. Plots: dice_per_seed.png, "
               "samples_grid.png, loss_curves.png.", ""]
     return "\n".join(lines)

@@ -261,6 +261,10 @@ def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_a
     colour = read_case(str(tmp_path / "colour.png"), str(tmp_path / "recipient_mask.png"))
     pasted, _ = copy_paste_cases([cases[0], colour], 1, seed=0)  # a grey lesion into a colour case
     assert pasted[0].image.shape == (1, 16, 16, 3) and (pasted[0].image[0, 5:7, 5:7] == 200).all()
+    pasted, _ = copy_paste_cases(cases[:1], 6, seed=0, recipients=[cases[1], colour])  # into given recipients
+    assert len(pasted) == 6 and {pair.image.shape for pair in pasted} == {(1, 16, 16), (1, 16, 16, 3)}
+    assert all(np.array_equal(pair.foreground[0], (recipient_mask > 0) | lesion) for pair in pasted)
+    assert copy_paste_cases(cases[:1], 3, seed=0) == ([], [])  # no other case to paste into
     textured = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     lesions = torch.zeros(3, 1, 16, 16)
     lesions[:, :, 4:12, 4:12] = 1
@@ -449,16 +453,24 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
         extra_pairs.append(0 if synthetic is None else len(synthetic[0]))
         return train_segmenter(*args, synthetic=synthetic, **kwargs)
 
+    def pasting(cases, count, seed, quality, recipients):
+        pasted_into.append(sorted(case.image_path for case in recipients))
+        return copy_paste_cases(cases, count, seed, quality, recipients)
+
+    pasted_into = []
     monkeypatch.setattr("MedDiffFTLib.evaluate.pseudo_label", own_label)
     monkeypatch.setattr("MedDiffFTLib.evaluate.train_segmenter", counting)
+    monkeypatch.setattr("MedDiffFTLib.evaluate.copy_paste_cases", pasting)
     out, seed_dir = tmp_path / "run", tmp_path / "run" / "seed_0"
     args = ("--seeds", "1", "--seg-repeats", "2", "--backgrounds", "pool", "--arms",
-            "real_only,real_plus_synthetic,real_plus_pseudo_labels,real_plus_pseudo_labels_and_synthetic")
+            "real_only,real_plus_synthetic,real_plus_pseudo_labels,real_plus_pseudo_labels_and_synthetic,"
+            "real_plus_copy_paste")
     evaluate(split, out, *args)
-    # per arm, both repeats: real only, painted pairs, pseudo-labeled images, both of them
-    assert extra_pairs == [0, 0, 2, 2, 2, 2, 4, 4]
+    # per arm, both repeats: real only, painted pairs, pseudo-labeled images, both of them, pasted pairs
+    assert extra_pairs == [0, 0, 2, 2, 2, 2, 4, 4, 2, 2]
     pool = json.loads((seed_dir / "subset.json").read_text())["unlabeled"]
     assert seen == [2] * len(pool) == [2, 2]  # 5 cases: K=2, 1 validation, 2 in the pool; both segmenters judge
+    assert pasted_into == [sorted(str(Path(p).resolve()) for p in pool)]  # the copy-paste arm's recipients too
     pseudo = json.loads((seed_dir / "pseudo_labels.json").read_text())
     assert (pseudo["pseudo_labeled"], pseudo["pool"], pseudo["pseudo_label_dice"]) == (2, 2, 1.0)
     entries = json.loads((seed_dir / "generation" / "manifest.json").read_text())["samples"]
@@ -479,13 +491,14 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
     assert report["per_seed_synthetic"][0]["pseudo_labels"]["pseudo_labeled"] == 2
     text = (out / "report.md").read_text()
     assert "painted into the pool images (--backgrounds)" in text and "Dice >= 0.8): 2/2" in text
+    assert "pasted into the pool images (--backgrounds)" in text
     assert "Delta Dice (the generator's share: real + pseudo-labels + synthetic - real + pseudo-labels)" in text
     generated = (seed_dir / "generation" / "manifest.json").stat().st_mtime_ns
     trained = (seed_dir / "real_plus_pseudo_labels.repeat1.json").stat().st_mtime_ns
     evaluate(split, out, *args)
     assert (seed_dir / "generation" / "manifest.json").stat().st_mtime_ns == generated
     assert (seed_dir / "real_plus_pseudo_labels.repeat1.json").stat().st_mtime_ns == trained
-    assert seen == [2, 2] and len(extra_pairs) == 8
+    assert seen == [2, 2] and len(extra_pairs) == 10
     with pytest.raises(MedDiffFTError, match=r"--backgrounds pool and the pseudo-label arms pseudo-label the pool "
                                              r"images where the real-only segmenters agree: pass --seg-repeats 2"):
         evaluate(split, out, "--seeds", "1", "--backgrounds", "pool")
