@@ -5,8 +5,9 @@ merged (union, written under WORK/masks/), then a fixed random 60-image test set
 malignant) and the rest as the training pool. Arms: real only with strong augmentation (a), the same
 + synthetic pairs (b), real without strong augmentation (a0), real + copy-paste pairs (c: the K
 lesions pasted into the backgrounds the generator paints into; since 2026-12-07 with --backgrounds
-pool the pseudo-labeled pool images, before into the labeled cases), real + the pseudo-labeled pool images (self-training, the context for --backgrounds pool) and real + those
-images and the synthetic pairs together (beside self-training: the generator's share).
+pool the pseudo-labeled pool images, before into the labeled cases), real + the pseudo-labeled
+pool images (self-training, the context for --backgrounds pool) and real + those images and the
+synthetic pairs together (beside self-training: the generator's share).
 
 Usage (a run folder is resumable; a larger --seeds reuses finished seeds; the defaults are the
 protocol of the README's best synthetic setting by validation: 5 subsets, 1000 segmenter epochs,
