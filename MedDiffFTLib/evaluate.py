@@ -776,7 +776,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                                 if {"synthetic", "copy_paste"} & set(sources) else {}),
                              **({"pseudo_labels": pseudo_key} if "pseudo_labels" in sources else {}),
                              **({"backgrounds": "pool", "pseudo_labels": pseudo_key}
-                                if "copy_paste" in sources and settings.backgrounds == "pool" else {})}
+                                if "copy_paste" in sources and into_pool else {})}
                 arms[arm] = _train_arm(seed_dir, arm, seed, keys[arm], budget, real, validation, extra, test,
                                        settings, device, bar)
                 timings[arm] = {name: arms[arm][name] for name in ("seconds", "peak_memory_mb")}

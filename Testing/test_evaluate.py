@@ -453,11 +453,12 @@ def test_pool_backgrounds_paint_into_the_pseudo_labeled_pool_images(split, tmp_p
         extra_pairs.append(0 if synthetic is None else len(synthetic[0]))
         return train_segmenter(*args, synthetic=synthetic, **kwargs)
 
+    pasted_into = []
+
     def pasting(cases, count, seed, quality, recipients):
         pasted_into.append(sorted(case.image_path for case in recipients))
         return copy_paste_cases(cases, count, seed, quality, recipients)
 
-    pasted_into = []
     monkeypatch.setattr("MedDiffFTLib.evaluate.pseudo_label", own_label)
     monkeypatch.setattr("MedDiffFTLib.evaluate.train_segmenter", counting)
     monkeypatch.setattr("MedDiffFTLib.evaluate.copy_paste_cases", pasting)
