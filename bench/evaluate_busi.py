@@ -10,7 +10,7 @@ pool images (self-training, the context for --backgrounds pool) and real + those
 synthetic pairs together (beside self-training: the generator's share).
 
 Usage (a run folder is resumable; a larger --seeds reuses finished seeds; the defaults are the
-protocol of the README's best synthetic setting by validation: 5 subsets, 1000 segmenter epochs,
+protocol of bench/RESULTS.md's best synthetic setting by validation: 5 subsets, 1000 segmenter epochs,
 every arm the same steps, half of each batch synthetic, the 400 + 800-step generator painting into
 the pseudo-labeled pool images with --old-lesion cover, a new lesion painted over each image's own;
 QA with the healed check; two segmenter seeds per arm and subset, averaged; before 2026-12-07 the
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seg-epochs", type=int, default=1000,
                         help="real-only validation Dice still rose at 400 (best steps near the end)")
     parser.add_argument("--seg-budget", default="same-steps",
-                        help="same-steps: every arm the mixed arm's steps (the README's rows before 2026-12-07 "
-                             "used same-passes, where the mixed arm trained twice as long)")
+                        help="same-steps: every arm the mixed arm's steps (the rows of bench/RESULTS.md before "
+                             "2026-12-07 used same-passes, where the mixed arm trained twice as long)")
     parser.add_argument("--run-args", default="--resolution 64 --scale fit --train-steps 800 --pretrain-steps 400 "
                                               "--batch-size 4 --samples 4 --qa-keep 2 --old-lesion cover")
     parser.add_argument("--arms",
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(1 = mixed throughout; < 1: a synthetic-first curriculum)")
     parser.add_argument("--seg-repeats", default="2",
                         help="segmenters per arm and subset, Dice averaged (the segmenter's seed alone moves "
-                             "a subset's test Dice by ~2 points; the README's rows before 2026-12 used 1)")
+                             "a subset's test Dice by ~2 points; the rows of bench/RESULTS.md before 2026-12 used 1)")
     parser.add_argument("--faithful-min-dice", default="0",
                         help="synthetic arm: only pairs whose generated lesion the real-only segmenter finds "
                              "at this Dice (0 = every pair the QA kept)")

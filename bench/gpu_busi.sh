@@ -22,7 +22,7 @@
 # no .busi on the warm machine): evaluate keeps finished units and an interrupted fine-tune
 # continues from its last checkpoint (`run --resume`); sampling starts again.
 #
-# Measured 2026-11-27 on a lent H200, generation only (the README's native-scale row):
+# Measured 2026-11-27 on a lent H200, generation only (bench/RESULTS.md's native-scale row):
 #   GENERATE_ONLY=1 RUN_ARGS="--resolution 64 --pretrain-steps 500 --train-steps 1300 --train-minutes 2.5
 #     --mask-steps 600 --samples 4 --qa-keep 2 --qa-segmenter-steps 400 --sampling-steps 20" bash bench/gpu_busi.sh 5 520
 # (carry .busi/cases .busi/masks .busi/train.csv .busi/test.csv .whl): all 5 generations in 351 s
