@@ -312,7 +312,8 @@ def _add_evaluate(commands) -> None:
                     "Writes OUT/report.json, report.md and plots; an interrupted run continues.")
     evaluate.add_argument("--train", required=True, metavar="CSV", help="training pool: columns image,label")
     evaluate.add_argument("--test", required=True, metavar="CSV",
-                          help="test cases (image,label), disjoint from --train; only used for scoring")
+                          help="test cases (image,label), disjoint from --train; only used for scoring (the "
+                               "report lists those a training image resembles and scores the arms without them)")
     evaluate.add_argument("--out", required=True, metavar="DIR", help="run folder (resumable)")
     evaluate.add_argument("--k", type=int, default=20, help="labeled training cases per seed (default 20)")
     evaluate.add_argument("--synthetic-per-real", type=int, default=2,

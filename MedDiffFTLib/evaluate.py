@@ -55,6 +55,12 @@ BACKGROUNDS = ("labeled", "pool")  # what the synthetic and copy-paste arms' new
 # true labels 0.74-0.84 on average)
 PSEUDO_MIN_AGREEMENT = 0.8
 MEMORIZATION_NCC = 0.95
+# A test case whose whole image correlates above this with a training case counts as seen. BUSI's
+# 60-image test split (bench/evaluate_busi.py) holds 7 such cases, each a copy or another frame of a
+# training image's lesion (0.97-0.999); the next ones (0.89-0.95) are mostly other scenes, though a
+# re-cropped frame can fall that low: a conservative check
+NEAR_DUPLICATE_NCC = 0.95
+FINGERPRINT_PX, FINGERPRINT_SLICES = 32, 16
 SEG_BUDGETS = ("same-steps", "same-passes")  # how the arms' step budgets compare (arm_budgets)
 PLATEAU_POINTS = 0.5  # a late validation gain above this many Dice points: the arm may not have plateaued
 # Segmenter settings added after evaluation folders existed: a unit's key leaves them out at these
@@ -260,11 +266,15 @@ def lesion_boxes(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.stack(out) if out else torch.zeros((0, ROI_PX * ROI_PX))
 
 
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Each row zero-mean and unit-norm, so a dot product of two rows is their NCC."""
+    rows = rows - rows.mean(dim=1, keepdim=True)
+    return rows / (rows.norm(dim=1, keepdim=True) + 1e-6)
+
+
 def lesion_rois(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Each lesion's box (``lesion_boxes``), zero-mean unit-norm (for NCC)."""
-    rois = lesion_boxes(images, masks)
-    rois = rois - rois.mean(dim=1, keepdim=True)
-    return rois / (rois.norm(dim=1, keepdim=True) + 1e-6)
+    return _unit_rows(lesion_boxes(images, masks))
 
 
 def shape_diversity(masks: torch.Tensor) -> float | None:
@@ -293,6 +303,31 @@ def memorization_rate(synthetic: Pairs, real: Pairs) -> float | None:
     if len(fake) == 0 or len(reference) == 0:
         return None
     return float(((fake @ reference.T).max(dim=1).values > MEMORIZATION_NCC).float().mean())
+
+
+def fingerprint(images: torch.Tensor) -> torch.Tensor:
+    """A case's slices (N, 1, R, R), as ``case_tensors`` gives them, carried to one grid
+    (FINGERPRINT_PX square; a volume's slices also to FINGERPRINT_SLICES), flattened, zero-mean and
+    unit-norm: the whole image, so two frames of one scene match whatever their labels say."""
+    depth = 1 if len(images) == 1 else FINGERPRINT_SLICES
+    grid = F.interpolate(images.float().permute(1, 0, 2, 3)[None], size=(depth, FINGERPRINT_PX, FINGERPRINT_PX),
+                         mode="trilinear", align_corners=False)
+    return _unit_rows(grid.reshape(1, -1))[0]
+
+
+def near_duplicates(train: list[torch.Tensor], test: list[torch.Tensor]) -> list[tuple[int, int, float]]:
+    """(test index, training index, NCC) for each test case whose closest training case of its kind
+    (2D or volume) correlates above NEAR_DUPLICATE_NCC as a whole image: a test case the segmenters
+    may have seen in training, under another file name (BUSI holds such frames of one lesion)."""
+    references = [fingerprint(images) for images in train]
+    found = []
+    for index, images in enumerate(test):
+        own = fingerprint(images)
+        scores = [(float(own @ other), j) for j, other in enumerate(references) if other.shape == own.shape]
+        ncc, match = max(scores, default=(-1.0, -1))
+        if ncc > NEAR_DUPLICATE_NCC:
+            found.append((index, match, ncc))
+    return found
 
 
 def _read_pair(generation_dir: Path, entry: dict) -> tuple[Case, Case]:
@@ -643,6 +678,7 @@ def combine_repeats(records: list[dict]) -> dict:
     validation gain averaged; the first repeat's training history (curves, best step) stands for
     the arm."""
     return {"dice_mean": float(np.mean([r["dice_mean"] for r in records])),
+            "dice": np.mean([r["dice"] for r in records], axis=0).tolist(),  # per test case
             "hd95_mean": _mean_defined(r["hd95_mean"] for r in records),
             "best_val_dice": float(np.mean([max(v for _, v in r["history"]["val_dice"]) for r in records])),
             "late_val_gain": _mean_defined(late_validation_gain(r["history"]) for r in records),
@@ -719,15 +755,15 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
                          if needs_generation else 0)
     _open_run_folder(out, record, overwrite)
     resolution = settings.segmenter.resolution
-    loaded: dict[str, Pairs] = {}
+    loaded = {image: case_tensors(read_case(image, label), resolution) for image, label in split.train}
 
     def stacked(rows) -> Pairs:
-        for image, label in rows:
-            if image not in loaded:
-                loaded[image] = case_tensors(read_case(image, label), resolution)
         return _stack([loaded[image] for image, _ in rows], resolution)
 
     test = [case_tensors(read_case(image, label), resolution) for image, label in split.test]
+    duplicates = [{"test": split.test[index][0], "train": split.train[match][0], "ncc": round(ncc, 4)}
+                  for index, match, ncc in near_duplicates([loaded[image][0] for image, _ in split.train],
+                                                           [images for images, _ in test])]
     started = time.monotonic()
     plans = []
     for seed in seeds:
@@ -836,7 +872,7 @@ def evaluate(train_csv: str, test_csv: str, out: Path, settings: EvaluateSetting
             grid = grid or (real, extra.get("synthetic"))
             per_seed[seed] = {"arms": {arm: arms[arm] for arm in settings.arms}, "timings": timings, **qa_summary,
                               **metrics}
-    report = build_report(per_seed, settings, record, split, unlabeled_on, time.monotonic() - started)
+    report = build_report(per_seed, settings, record, split, unlabeled_on, time.monotonic() - started, duplicates)
     write_report(out, report, per_seed, *grid)
     return report
 
@@ -872,15 +908,32 @@ def _mean_defined(values) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split: Split, unlabeled_on: bool,
-                 seconds: float) -> dict:
+def _paired_delta(after: list[float], before: list[float]) -> dict:
+    """The paired Dice deltas' mean and sd, the paired t-test's p and its 95 % interval (is a gain of
+    G excluded?); None where one seed leaves them undefined."""
     from scipy import stats
 
+    delta = np.subtract(after, before)
+    test = stats.ttest_rel(after, before) if len(delta) > 1 else None
+    p_value = test.pvalue if test is not None else float("nan")
+    interval = test.confidence_interval(0.95) if test is not None else (float("nan"),) * 2
+    return {"mean": float(np.mean(delta)), "sd": _spread(delta),
+            "p": float(p_value) if np.isfinite(p_value) else None,
+            "ci95": [float(interval[0]), float(interval[1])] if np.isfinite(interval).all() else None}
+
+
+def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split: Split, unlabeled_on: bool,
+                 seconds: float, duplicates: list[dict]) -> dict:
     seeds = sorted(per_seed)
+
+    def dice(arm: str, keep: np.ndarray | None = None) -> list[float]:
+        """``arm``'s test Dice per seed, over the test cases in ``keep`` (all when None)."""
+        return [per_seed[s]["arms"][arm]["dice_mean"] if keep is None
+                else float(np.mean(np.asarray(per_seed[s]["arms"][arm]["dice"])[keep])) for s in seeds]
+
     report: dict = {}
     for arm in settings.arms:
-        dice = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
-        report[arm] = {**_summary(dice),
+        report[arm] = {**_summary(dice(arm)),
                        "hd95_mean": _mean_defined(per_seed[s]["arms"][arm]["hd95_mean"] for s in seeds),
                        "late_val_gain_mean": _mean_defined(per_seed[s]["arms"][arm]["late_val_gain"] for s in seeds),
                        "per_seed": [{"seed": s, "dice": per_seed[s]["arms"][arm]["dice_mean"],
@@ -894,17 +947,17 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
     comparisons += [(arm, baseline, f"_{name}") for arm, baseline, name, _ in COMPARISONS
                     if arm in settings.arms and baseline in settings.arms]
     for arm, baseline, suffix in comparisons:
-        after = [per_seed[s]["arms"][arm]["dice_mean"] for s in seeds]
-        before = [per_seed[s]["arms"][baseline]["dice_mean"] for s in seeds]
-        delta = np.subtract(after, before)
-        report[f"delta_dice{suffix}_mean"] = float(np.mean(delta))
-        report[f"delta_dice{suffix}_sd"] = _spread(delta)
-        test = stats.ttest_rel(after, before) if len(seeds) > 1 else None
-        p_value = test.pvalue if test is not None else float("nan")
-        report[f"paired_p_value{suffix}"] = float(p_value) if np.isfinite(p_value) else None
-        interval = test.confidence_interval(0.95) if test is not None else (float("nan"),) * 2
-        report[f"delta_dice{suffix}_ci95"] = ([float(interval[0]), float(interval[1])] if np.isfinite(interval).all()
-                                              else None)  # the delta's paired-t 95 % interval: is a gain of G excluded?
+        paired = _paired_delta(dice(arm), dice(baseline))
+        report[f"delta_dice{suffix}_mean"], report[f"delta_dice{suffix}_sd"] = paired["mean"], paired["sd"]
+        report[f"paired_p_value{suffix}"], report[f"delta_dice{suffix}_ci95"] = paired["p"], paired["ci95"]
+    flagged = {duplicate["test"] for duplicate in duplicates}
+    keep = np.array([image not in flagged for image, _ in split.test])
+    report["near_duplicates"] = {"ncc_threshold": NEAR_DUPLICATE_NCC, "test_cases": duplicates}
+    if flagged and keep.any():  # the same figures on the test cases no training case resembles
+        report["near_duplicates"]["without_them"] = {
+            **{arm: _summary(dice(arm, keep)) for arm in settings.arms},
+            **{f"delta_dice{suffix}": _paired_delta(dice(arm, keep), dice(baseline, keep))
+               for arm, baseline, suffix in comparisons}}
     for key in SYNTHETIC_METRICS:
         report[key] = _mean_defined(per_seed[s].get(key) for s in seeds)
     report["per_seed_synthetic"] = [{"seed": s, **{k: v for k, v in per_seed[s].items()
@@ -925,7 +978,11 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
                                                                "box scaled to a square), synthetic / the K real "
                                                                "lesions' (0: one outline repeated)",
                                       "faithfulness_ratio": "real-only segmenter's Dice on synthetic "
-                                                            "pairs / on the test cases"}}
+                                                            "pairs / on the test cases",
+                                      "near_duplicates": f"test cases whose whole image (carried to "
+                                                         f"{FINGERPRINT_PX} px; volumes to {FINGERPRINT_SLICES} "
+                                                         "slices) correlates (NCC) above ncc_threshold with a "
+                                                         "training case of the --train CSV"}}
     report["timings"] = {"total_seconds": round(sum(unit["seconds"] for s in seeds
                                                     for unit in per_seed[s]["timings"].values()), 1),
                          "this_invocation_seconds": round(seconds, 1),
@@ -940,6 +997,21 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
 
 def _number(value, digits: int = 3, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+DELTA_MEANINGS = (("", "real + synthetic - real only"),) + tuple((f"_{name}", meaning)
+                                                                  for _, _, name, meaning in COMPARISONS)
+
+
+def _without_them(without: dict | None, arms: list[str]) -> str:
+    """report.md's sentence on the test cases left once the near-duplicates are set aside."""
+    if without is None:
+        return ""
+    deltas = [f"{meaning} {_number(without[f'delta_dice{suffix}']['mean'], 2, scale=100)} points "
+              f"(p = {_number(without[f'delta_dice{suffix}']['p'])})"
+              for suffix, meaning in DELTA_MEANINGS if f"delta_dice{suffix}" in without]
+    return (" Without them, Dice " + ", ".join(f"{arm} {_number(without[arm]['dice_mean'])}" for arm in arms)
+            + "".join(f"; {delta}" for delta in deltas) + ".")
 
 
 def report_markdown(report: dict, arms: list[str]) -> str:
@@ -969,8 +1041,7 @@ def report_markdown(report: dict, arms: list[str]) -> str:
                   "the last quarter of its budget; more --seg-epochs may raise it (on BUSI real-only "
                   "segmenters whose last quarter gained 0.8 point on average gained 1.3 points of test Dice "
                   "when their budget doubled), so compare the arms again with a larger budget.", ""]
-    for suffix, meaning in [("", "real + synthetic - real only")] + [(f"_{name}", meaning)
-                                                                     for _, _, name, meaning in COMPARISONS]:
+    for suffix, meaning in DELTA_MEANINGS:
         if f"delta_dice{suffix}_mean" in report:
             interval = report[f"delta_dice{suffix}_ci95"]
             lines.append(f"Delta Dice ({meaning}): {_number(report[f'delta_dice{suffix}_mean'], 2, scale=100)} "
@@ -978,6 +1049,15 @@ def report_markdown(report: dict, arms: list[str]) -> str:
                          + (" (95 % interval {} to {})".format(*(_number(b, 2, scale=100) for b in interval))
                             if interval else "")
                          + f", paired t-test p = {_number(report[f'paired_p_value{suffix}'])}.")
+    near = report["near_duplicates"]
+    if near["test_cases"]:
+        lines.append(f"**Near-duplicates:** {len(near['test_cases'])} of {settings['test_cases']} test cases "
+                     f"correlate above {near['ncc_threshold']} with a training case as whole images (listed in "
+                     "report.json): the segmenters may have seen them, under another file name."
+                     + _without_them(near.get("without_them"), arms))
+    else:
+        lines.append(f"No test case correlates above {near['ncc_threshold']} with a training case "
+                     "(whole-image NCC).")
     for key in SYNTHETIC_METRICS:
         if key in report:
             lines.append(f"- {key}: {_number(report[key], 4)}")

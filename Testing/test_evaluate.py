@@ -16,7 +16,7 @@ from MedDiffFTLib.caseio import read_case, read_cases_csv
 from MedDiffFTLib.cli import run_command
 from MedDiffFTLib.errors import MedDiffFTError
 from MedDiffFTLib.evaluate import (copy_paste_cases, faithful_pairs, generated_lesions, judged_dice, kid,
-                                   late_validation_gain, load_segmenter, memorization_rate, pair_dice,
+                                   late_validation_gain, load_segmenter, memorization_rate, near_duplicates, pair_dice,
                                    pseudo_label, report_markdown, shape_diversity, shape_diversity_ratio,
                                    write_pseudo_labels)
 from MedDiffFTLib.segmenter import train_segmenter
@@ -100,6 +100,8 @@ def test_evaluate_writes_a_complete_report_and_is_reproducible(split, tmp_path):
     assert "| 0.40 |" in report_markdown(flat, arms) and "Still rising" not in report_markdown(flat, arms)
     rising = {**flat, "real_plus_synthetic": {**report["real_plus_synthetic"], "late_val_gain_mean": 0.006}}
     assert "**Still rising:** real_plus_synthetic gained more than 0.5 point" in report_markdown(rising, arms)
+    assert report["near_duplicates"] == {"ncc_threshold": 0.95, "test_cases": []}  # phantoms correlate < 0.4
+    assert "No test case correlates above 0.95 with a training case" in (tmp_path / "a" / "report.md").read_text()
     assert [row["copy_paste_qa"] for row in report["per_seed_synthetic"]] == [None, None]  # run with --qa off
     assert "copy-paste pairs: not filtered (no QA reference)" in (tmp_path / "a" / "report.md").read_text()
     subsets = [json.loads((tmp_path / "a" / f"seed_{s}" / "subset.json").read_text()) for s in (0, 1)]
@@ -234,6 +236,48 @@ def test_bad_inputs_are_refused_before_any_work(split, tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(MedDiffFTError, match=r"--out .*out is not empty and holds no evaluation"):
         evaluate(split, tmp_path / "out")
+
+
+def test_near_duplicates_are_test_images_alike_a_training_image_of_their_kind():
+    generator = torch.Generator().manual_seed(0)
+
+    def scene() -> torch.Tensor:  # a smooth random 64 px image, (1, 1, 64, 64)
+        return torch.nn.functional.avg_pool2d(torch.rand((1, 1, 72, 72), generator=generator), 9, stride=1)
+
+    seen, other, unrelated = scene(), scene(), scene()
+    frame = 0.8 * seen + 0.1 + 0.01 * torch.rand(seen.shape, generator=generator)  # re-exposed, noisy
+    volume = seen.repeat(5, 1, 1, 1)
+    found = near_duplicates([other, seen, volume], [unrelated, frame, volume + 0.01])
+    assert [(test, train) for test, train, _ in found] == [(1, 1), (2, 2)]
+    assert all(0.95 < ncc <= 1.0 for _, _, ncc in found)
+    assert near_duplicates([other, volume], [frame]) == []  # a 2D image is never matched with a volume
+
+
+def test_test_cases_alike_a_training_case_are_reported_and_scored_apart(tmp_path):
+    from PIL import Image
+
+    train = phantom_csv(tmp_path / "data", 5, "train")
+    phantom_csv(tmp_path / "data", 1, "unseen", start=10)
+    seen = np.asarray(Image.open(tmp_path / "data" / "case3.png"), dtype=np.float32)
+    noise = np.random.default_rng(0).normal(0.0, 4.0, seen.shape)
+    Image.fromarray(np.clip(seen + noise, 0, 255).astype(np.uint8)).save(tmp_path / "data" / "frame.png")
+    test = tmp_path / "data" / "test.csv"
+    test.write_text("image,label\ncase10.png,case10_mask.png\nframe.png,case3_mask.png\n")
+    evaluate((train, test), tmp_path / "out", "--arms", "real_only,real_plus_copy_paste")
+    near = json.loads((tmp_path / "out" / "report.json").read_text())["near_duplicates"]
+    assert [(row["test"], row["train"]) for row in near["test_cases"]] == \
+        [(str(tmp_path / "data" / "frame.png"), str(tmp_path / "data" / "case3.png"))]
+    assert near["test_cases"][0]["ncc"] > 0.95
+    unseen = {arm: [json.loads((tmp_path / "out" / f"seed_{s}" / f"{arm}.json").read_text())["dice"][0]
+                    for s in (0, 1)] for arm in ("real_only", "real_plus_copy_paste")}
+    without = near["without_them"]
+    assert without["real_only"]["dice_mean"] == pytest.approx(np.mean(unseen["real_only"]))
+    assert without["delta_dice_real_plus_copy_paste"]["mean"] == pytest.approx(
+        np.mean(np.subtract(unseen["real_plus_copy_paste"], unseen["real_only"])))
+    summary = (tmp_path / "out" / "report.md").read_text()
+    assert ("**Near-duplicates:** 1 of 2 test cases correlate above 0.95 with a training case as whole images"
+            in summary)
+    assert f"Without them, Dice real_only {without['real_only']['dice_mean']:.3f}" in summary
 
 
 def test_copy_paste_pastes_a_lesion_at_its_place_across_grids_and_memorization_and_kid(tmp_path):

@@ -13,12 +13,15 @@ comparison; also --arm real_only with --versus compares two real-only budgets). 
 with another arm of the --versus folders (e.g. the same folders' real_plus_pseudo_labels: what
 real_plus_pseudo_labels_and_synthetic's painted pairs add). Where arms have several
 repeats (--seg-repeats), it also prints how far one segmenter seed lies from its subset's mean;
---repeats N pools only the first N.
+--repeats N pools only the first N. --unseen-only scores every arm on the test cases that no training
+case resembles (evaluate.near_duplicates: BUSI's test split holds 7 copies or other frames of a
+training image's lesion; report.json lists them since 2026-12-08).
 
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
     .venv/bin/python bench/pool_subsets.py /tmp/busi_eval/run_v1p /tmp/busi_eval/run_v1p2 \\
         --versus /tmp/busi_eval/run_v1k /tmp/busi_eval/run_v1k2
     .venv/bin/python bench/pool_subsets.py .busi/run_keep --baseline .busi/run_e2000
+    .venv/bin/python bench/pool_subsets.py .busi/run_product_cover2{0..9} .busi/run_product_cover3{0,1} --unseen-only
     .venv/bin/python bench/pool_subsets.py .busi/run_product_pool .busi/run_product_pool13 \\
         --arm real_plus_pseudo_labels_and_synthetic --versus .busi/run_product_pool .busi/run_product_pool13 \\
         --versus-arm real_plus_pseudo_labels
@@ -36,7 +39,8 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from MedDiffFTLib.evaluate import combine_repeats, unit_name  # noqa: E402
+from MedDiffFTLib.caseio import read_case, read_cases_csv  # noqa: E402
+from MedDiffFTLib.evaluate import case_tensors, combine_repeats, near_duplicates, unit_name  # noqa: E402
 
 
 def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> dict[int, dict]:
@@ -58,9 +62,24 @@ def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> di
     return results
 
 
-def scores(results: dict[int, dict]) -> dict[int, tuple[float, float]]:
-    """Per subset: (test Dice, best validation Dice)."""
-    return {seed: (r["dice_mean"], r["best_val_dice"]) for seed, r in results.items()}
+def unseen_test_cases(folders: list[Path]) -> np.ndarray:
+    """The test cases (True) that no training case resembles, for the CSVs all ``folders`` share."""
+    recorded = [json.loads((folder / "settings.json").read_text()) for folder in folders]
+    splits = {(r["train"], r["test"], r["segmenter"]["resolution"]) for r in recorded}
+    if len(splits) != 1:
+        raise SystemExit(f"--unseen-only needs folders of one split and segmenter resolution; these hold {splits}")
+    train_csv, test_csv, resolution = splits.pop()
+    train, test = ([case_tensors(read_case(image, label), resolution)[0] for image, label in read_cases_csv(csv)]
+                   for csv in (train_csv, test_csv))
+    keep = np.ones(len(test), dtype=bool)
+    keep[[index for index, _, _ in near_duplicates(train, test)]] = False
+    return keep
+
+
+def scores(results: dict[int, dict], keep: np.ndarray | None = None) -> dict[int, tuple[float, float]]:
+    """Per subset: (test Dice over the test cases in ``keep``, all when None; best validation Dice)."""
+    return {seed: (r["dice_mean"] if keep is None else float(np.mean(np.asarray(r["dice"])[keep])),
+                   r["best_val_dice"]) for seed, r in results.items()}
 
 
 def seed_noise(name: str, runs: list[np.ndarray]) -> None:
@@ -94,10 +113,15 @@ def main() -> None:
     parser.add_argument("--versus-arm", help="the --versus folders' arm (default: --arm)")
     parser.add_argument("--repeats", type=int, help="average only each arm's first N segmenter repeats "
                                                      "(default: all in the folders)")
+    parser.add_argument("--unseen-only", action="store_true",
+                        help="score the test cases no training case resembles (evaluate.near_duplicates)")
     args = parser.parse_args()
+    keep = unseen_test_cases(args.folders + (args.baseline or []) + (args.versus or [])) if args.unseen_only else None
+    if keep is not None:
+        print(f"scored on the {keep.sum()} of {len(keep)} test cases no training case resembles")
     results = {"real_only": arm_results(args.baseline or args.folders, "real_only", args.repeats),
                args.arm: arm_results(args.folders, args.arm, args.repeats)}
-    real, extra = (scores(results[arm]) for arm in ("real_only", args.arm))
+    real, extra = (scores(results[arm], keep) for arm in ("real_only", args.arm))
     seeds = sorted(set(real) & set(extra))
     print("subset  real only (test, val)  with synthetic (test, val)  delta test, val (points)")
     for seed in seeds:
@@ -119,7 +143,7 @@ def main() -> None:
     describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
     if args.versus:
         versus_arm = args.versus_arm or args.arm
-        other = scores(arm_results(args.versus, versus_arm, args.repeats))
+        other = scores(arm_results(args.versus, versus_arm, args.repeats), keep)
         shared = [s for s in seeds if s in other]
         describe(f"{args.arm} - --versus {versus_arm}", {s: tuple(np.subtract(extra[s], other[s])) for s in shared})
 
