@@ -687,6 +687,11 @@ def combine_repeats(records: list[dict]) -> dict:
             "peak_memory_mb": records[-1]["peak_memory_mb"]}
 
 
+def arm_dice(result: dict, keep: np.ndarray | None = None) -> float:
+    """An arm's test Dice (a ``combine_repeats`` result) over the test cases in ``keep``, all when None."""
+    return result["dice_mean"] if keep is None else float(np.mean(np.asarray(result["dice"])[keep]))
+
+
 def _train_arm(seed_dir: Path, arm: str, seed: int, key: dict, steps: int, real, validation, extra, test,
                settings: EvaluateSettings, device: torch.device, bar: _Bar) -> dict:
     """Train and score one arm's segmenters, one per repeat (each skipped when done with the same
@@ -928,8 +933,7 @@ def build_report(per_seed: dict, settings: EvaluateSettings, record: dict, split
 
     def dice(arm: str, keep: np.ndarray | None = None) -> list[float]:
         """``arm``'s test Dice per seed, over the test cases in ``keep`` (all when None)."""
-        return [per_seed[s]["arms"][arm]["dice_mean"] if keep is None
-                else float(np.mean(np.asarray(per_seed[s]["arms"][arm]["dice"])[keep])) for s in seeds]
+        return [arm_dice(per_seed[s]["arms"][arm], keep) for s in seeds]
 
     report: dict = {}
     for arm in settings.arms:

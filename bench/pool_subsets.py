@@ -40,7 +40,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MedDiffFTLib.caseio import read_case, read_cases_csv  # noqa: E402
-from MedDiffFTLib.evaluate import case_tensors, combine_repeats, near_duplicates, unit_name  # noqa: E402
+from MedDiffFTLib.evaluate import arm_dice, case_tensors, combine_repeats, near_duplicates, unit_name  # noqa: E402
 
 
 def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> dict[int, dict]:
@@ -78,8 +78,7 @@ def unseen_test_cases(folders: list[Path]) -> np.ndarray:
 
 def scores(results: dict[int, dict], keep: np.ndarray | None = None) -> dict[int, tuple[float, float]]:
     """Per subset: (test Dice over the test cases in ``keep``, all when None; best validation Dice)."""
-    return {seed: (r["dice_mean"] if keep is None else float(np.mean(np.asarray(r["dice"])[keep])),
-                   r["best_val_dice"]) for seed, r in results.items()}
+    return {seed: (arm_dice(r, keep), r["best_val_dice"]) for seed, r in results.items()}
 
 
 def seed_noise(name: str, runs: list[np.ndarray]) -> None:
