@@ -91,14 +91,15 @@ def seed_noise(name: str, runs: list[np.ndarray]) -> None:
               f"({len(runs)} subset(s) with {min(map(len, runs))}+ repeats)")
 
 
-def describe(name: str, deltas: dict[int, tuple[float, float]]) -> None:
+def describe(name: str, deltas: dict[int, tuple[float, float]], confidence: float = 0.95) -> None:
+    """The test delta's mean +- sd, its ``confidence`` interval and paired t-test; the validation delta."""
     test = np.array([d[0] for d in deltas.values()]) * 100
     val = np.array([d[1] for d in deltas.values()]) * 100
     result = stats.ttest_1samp(test, 0.0) if len(test) > 1 else None
     p_value = result.pvalue if result is not None else float("nan")
-    low, high = result.confidence_interval(0.95) if result is not None else (float("nan"),) * 2
+    low, high = result.confidence_interval(confidence) if result is not None else (float("nan"),) * 2
     print(f"{name}: {len(test)} subsets; test {test.mean():+.2f} +- {test.std(ddof=1) if len(test) > 1 else 0:.2f} "
-          f"points (95 % interval {low:+.2f} to {high:+.2f}; paired t p = {p_value:.3f}; "
+          f"points ({confidence * 100:g} % interval {low:+.2f} to {high:+.2f}; paired t p = {p_value:.3f}; "
           f"{int((test > 0).sum())} gained); validation {val.mean():+.2f}")
 
 
@@ -114,6 +115,8 @@ def main() -> None:
                                                      "(default: all in the folders)")
     parser.add_argument("--unseen-only", action="store_true",
                         help="score the test cases no training case resembles (evaluate.near_duplicates)")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="level of the delta's interval (e.g. 0.975 for a second look at the same question)")
     args = parser.parse_args()
     keep = unseen_test_cases(args.folders + (args.baseline or []) + (args.versus or [])) if args.unseen_only else None
     if keep is not None:
@@ -139,12 +142,13 @@ def main() -> None:
                       for arm, gains in late.items()))
     real_test = np.array([real[s][0] for s in seeds])
     print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
-    describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds})
+    describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds}, args.confidence)
     if args.versus:
         versus_arm = args.versus_arm or args.arm
         other = scores(arm_results(args.versus, versus_arm, args.repeats), keep)
         shared = [s for s in seeds if s in other]
-        describe(f"{args.arm} - --versus {versus_arm}", {s: tuple(np.subtract(extra[s], other[s])) for s in shared})
+        describe(f"{args.arm} - --versus {versus_arm}", {s: tuple(np.subtract(extra[s], other[s])) for s in shared},
+                 args.confidence)
 
 
 if __name__ == "__main__":
