@@ -20,7 +20,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -913,15 +913,24 @@ def _mean_defined(values) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def _paired_delta(after: list[float], before: list[float]) -> dict:
-    """The paired Dice deltas' mean and sd, the paired t-test's p and its 95 % interval (is a gain of
-    G excluded?); None where one seed leaves them undefined."""
+def paired_test(after: Sequence[float], before: Sequence[float],
+                confidence: float = 0.95) -> tuple[float, float, float]:
+    """The paired t-test's p and the ``confidence`` interval of the mean delta ``after - before``
+    (is a gain of G excluded?); NaN where a single pair leaves them undefined."""
     from scipy import stats
 
+    if len(after) < 2:
+        return (float("nan"),) * 3
+    test = stats.ttest_rel(after, before)
+    low, high = test.confidence_interval(confidence)
+    return float(test.pvalue), float(low), float(high)
+
+
+def _paired_delta(after: list[float], before: list[float]) -> dict:
+    """The paired Dice deltas' mean and sd, the paired t-test's p and its 95 % interval; None where
+    one seed leaves them undefined."""
     delta = np.subtract(after, before)
-    test = stats.ttest_rel(after, before) if len(delta) > 1 else None
-    p_value = test.pvalue if test is not None else float("nan")
-    interval = test.confidence_interval(0.95) if test is not None else (float("nan"),) * 2
+    p_value, *interval = paired_test(after, before)
     return {"mean": float(np.mean(delta)), "sd": _spread(delta),
             "p": float(p_value) if np.isfinite(p_value) else None,
             "ci95": [float(interval[0]), float(interval[1])] if np.isfinite(interval).all() else None}

@@ -36,11 +36,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MedDiffFTLib.caseio import read_case, read_cases_csv  # noqa: E402
-from MedDiffFTLib.evaluate import arm_dice, case_tensors, combine_repeats, near_duplicates, unit_name  # noqa: E402
+from MedDiffFTLib.evaluate import (arm_dice, case_tensors, combine_repeats, near_duplicates,  # noqa: E402
+                                   paired_test, unit_name)  # noqa: E402
 
 
 def arm_results(folders: list[Path], arm: str, repeats: int | None = None) -> dict[int, dict]:
@@ -91,13 +91,14 @@ def seed_noise(name: str, runs: list[np.ndarray]) -> None:
               f"({len(runs)} subset(s) with {min(map(len, runs))}+ repeats)")
 
 
-def describe(name: str, deltas: dict[int, tuple[float, float]], confidence: float = 0.95) -> None:
-    """The test delta's mean +- sd, its ``confidence`` interval and paired t-test; the validation delta."""
-    test = np.array([d[0] for d in deltas.values()]) * 100
-    val = np.array([d[1] for d in deltas.values()]) * 100
-    result = stats.ttest_1samp(test, 0.0) if len(test) > 1 else None
-    p_value = result.pvalue if result is not None else float("nan")
-    low, high = result.confidence_interval(confidence) if result is not None else (float("nan"),) * 2
+def describe(name: str, after: dict[int, tuple[float, float]], before: dict[int, tuple[float, float]],
+             confidence: float = 0.95) -> None:
+    """Over the subsets of ``after``: the test delta's mean +- sd, its ``confidence`` interval and
+    paired t-test (evaluate.paired_test); the validation delta."""
+    (test_after, val_after), (test_before, val_before) = (np.array([d[s] for s in after]).T * 100
+                                                          for d in (after, before))
+    test, val = test_after - test_before, val_after - val_before
+    p_value, low, high = paired_test(test_after, test_before, confidence)
     print(f"{name}: {len(test)} subsets; test {test.mean():+.2f} +- {test.std(ddof=1) if len(test) > 1 else 0:.2f} "
           f"points ({confidence * 100:g} % interval {low:+.2f} to {high:+.2f}; paired t p = {p_value:.3f}; "
           f"{int((test > 0).sum())} gained); validation {val.mean():+.2f}")
@@ -142,13 +143,12 @@ def main() -> None:
                       for arm, gains in late.items()))
     real_test = np.array([real[s][0] for s in seeds])
     print(f"real only: test {real_test.mean():.3f} +- {real_test.std(ddof=1) if len(seeds) > 1 else 0:.3f}")
-    describe(f"{args.arm} - real_only", {s: tuple(np.subtract(extra[s], real[s])) for s in seeds}, args.confidence)
+    describe(f"{args.arm} - real_only", {s: extra[s] for s in seeds}, real, args.confidence)
     if args.versus:
         versus_arm = args.versus_arm or args.arm
         other = scores(arm_results(args.versus, versus_arm, args.repeats), keep)
         shared = [s for s in seeds if s in other]
-        describe(f"{args.arm} - --versus {versus_arm}", {s: tuple(np.subtract(extra[s], other[s])) for s in shared},
-                 args.confidence)
+        describe(f"{args.arm} - --versus {versus_arm}", {s: extra[s] for s in shared}, other, args.confidence)
 
 
 if __name__ == "__main__":
